@@ -1,0 +1,26 @@
+# The two commands: `make demo` and `make test`. Each sets up .venv first when needed.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.vfmkd-installed
+
+.PHONY: demo test test-fast bench setup clean
+
+$(STAMP): pyproject.toml requirements.txt scripts/setup_env.sh
+	VENV=$(VENV) bash scripts/setup_env.sh
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m vfmkd demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_detection_training.py
+
+clean:
+	rm -rf runs .pytest_cache

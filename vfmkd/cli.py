@@ -1,0 +1,197 @@
+"""The ``vfmkd`` command (also ``python -m vfmkd``).
+
+Sub-commands::
+
+    vfmkd data synth OUT [--train N] [--val M] [--seed S]
+    vfmkd data check DATA
+    vfmkd train --config CFG [--set key=value ...] [--resume]
+    vfmkd eval --config CFG --checkpoint CKPT [--set key=value ...]
+    vfmkd demo [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+logger = logging.getLogger("vfmkd")
+
+DEMO_CONFIG = "configs/experiments/yolov8n_shapes_demo.yaml"
+
+
+def _cmd_data_synth(args: argparse.Namespace) -> int:
+    from vfmkd.datasets.synthetic import generate_synthetic_dataset
+
+    data_yaml = generate_synthetic_dataset(
+        Path(args.out), num_train=args.train, num_val=args.val, seed=args.seed
+    )
+    _say(f"wrote the built-in data set: {data_yaml}")
+    return 0
+
+
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    from vfmkd.datasets.check import check_dataset, format_problems
+
+    problems = check_dataset(args.data)
+    if problems:
+        _say(format_problems(problems))
+        _say(f"{len(problems)} problem(s) found in {args.data}")
+        return 1
+    _say(f"{args.data}: no problems found")
+    return 0
+
+
+def _load_config(args: argparse.Namespace, extra_overrides: Sequence[str] = ()):
+    from vfmkd.config import load_config
+
+    return load_config(args.config, [*extra_overrides, *(args.set or [])])
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    return run_training(_load_config(args), resume=args.resume)
+
+
+def run_training(config, *, resume: bool = False) -> int:
+    """Train from a validated config and print where the run is."""
+    from vfmkd.core.trainer import Trainer
+
+    result = Trainer(config, resume=resume).train()
+    if result.get("is_main", True):
+        _print_result(result)
+    return 0
+
+
+def _print_result(result: dict) -> None:
+    metrics = result.get("metrics") or {}
+    if metrics:
+        _say(
+            f"mAP50-95 {metrics.get('mAP', 0.0):.4f}  mAP50 {metrics.get('mAP50', 0.0):.4f}"
+        )
+    _say(f"run directory: {result.get('run_dir')}")
+    for key in ("last", "best"):
+        if result.get(key):
+            _say(f"{key} checkpoint: {result[key]}")
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from vfmkd.core.checkpoint import load_model_from_checkpoint
+    from vfmkd.core.evaluator import evaluate_model
+    from vfmkd.datasets import build_dataset
+
+    config = _load_config(args)
+    device = torch.device(
+        "cuda" if config.train.device == "auto" and torch.cuda.is_available() else
+        ("cpu" if config.train.device == "auto" else config.train.device)
+    )
+    model = load_model_from_checkpoint(args.checkpoint, device)
+    dataset = build_dataset(config.data, config.data.val_split, train=False)
+    metrics = evaluate_model(
+        model,
+        dataset,
+        batch_size=config.eval.batch_size or config.data.batch_size,
+        num_workers=config.data.num_workers,
+        device=device,
+        amp=config.train.amp,
+        eval_cfg=config.eval,
+    )
+    _say(json.dumps({k: v for k, v in metrics.items() if k != "per_class"}, indent=2))
+    per_class = metrics.get("per_class") or {}
+    if per_class:
+        width = max(len(name) for name in per_class)
+        _say("\n".join(f"  {name:<{width}}  AP {ap:.4f}" for name, ap in per_class.items()))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from vfmkd.config import load_config
+
+    overrides = [f"train.output_dir={args.out}"] if args.out else []
+    config = load_config(args.config, overrides)
+    _say(f"demo: {args.config} -- YOLOv8n on the built-in 'shapes' data set, CPU friendly")
+    return run_training(config)
+
+
+def _say(text: str) -> None:
+    # NOTE: the CLI is the one place that writes to stdout; library code logs.
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vfmkd", description=__doc__.split("\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    data = commands.add_parser("data", help="built-in data set and data checks")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    synth = data_commands.add_parser("synth", help="write the built-in synthetic data set")
+    synth.add_argument("out", help="output folder, e.g. datasets/shapes")
+    synth.add_argument("--train", type=int, default=64, help="training images (default 64)")
+    synth.add_argument("--val", type=int, default=16, help="validation images (default 16)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(handler=_cmd_data_synth)
+    check = data_commands.add_parser("check", help="list every problem in a data set")
+    check.add_argument("data", help="data yaml, COCO json, dataset folder or name (shapes, coco128)")
+    check.set_defaults(handler=_cmd_data_check)
+
+    train = commands.add_parser("train", help="train a student from an experiment config")
+    train.add_argument("--config", required=True, help="experiment YAML")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. train.lr=1e-3")
+    train.add_argument("--resume", action="store_true", help="continue the run from its last.pt")
+    train.set_defaults(handler=_cmd_train)
+
+    evaluate = commands.add_parser("eval", help="COCO mAP of a checkpoint")
+    evaluate.add_argument("--config", required=True)
+    evaluate.add_argument("--checkpoint", required=True)
+    evaluate.add_argument("--set", action="append", metavar="KEY=VALUE")
+    evaluate.set_defaults(handler=_cmd_eval)
+
+    demo = commands.add_parser("demo", help="the whole flow on the built-in data set")
+    demo.add_argument("--config", default=DEMO_CONFIG)
+    demo.add_argument("--out", default=None, help="output folder for runs (default: runs)")
+    demo.set_defaults(handler=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``vfmkd`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    return run_with_user_errors(lambda: handler(args))
+
+
+def run_with_user_errors(action: Callable[[], int]) -> int:
+    """Run ``action``; errors meant for users print one clear message and exit 2."""
+    from vfmkd.config import ConfigError
+
+    user_errors: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError)
+    try:
+        from vfmkd.datasets import DatasetError
+
+        user_errors += (DatasetError,)
+    except ImportError:
+        pass
+    try:
+        return action()
+    except user_errors as error:
+        sys.stderr.write(f"error: {error}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted; `--resume` continues from the last checkpoint\n")
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
