@@ -77,6 +77,69 @@ def _print_result(result: dict) -> None:
             _say(f"{key} checkpoint: {result[key]}")
 
 
+def seed_overrides(
+    raw: dict, *, backbone: str | None, teacher: str | None, dataset: str | None
+) -> dict:
+    """Apply the seed's ``tools/train.py --backbone/--teacher/--dataset`` flags to a raw config.
+
+    ``--backbone X`` keeps the config's backbone when it already is X, else takes
+    ``configs/backbones/X.yaml``; ``--teacher T`` enables T (from the config or
+    ``configs/teachers/T.yaml``) and disables the others; ``--dataset D`` sets
+    ``data.dataset``.
+    """
+    from vfmkd.config import ConfigError
+
+    raw = dict(raw or {})
+    if backbone:
+        model = dict(raw.get("model") or {})
+        current = dict(model.get("backbone") or {})
+        if current.get("type") != backbone:
+            config_file = Path("configs/backbones") / f"{backbone}.yaml"
+            current = {"config": str(config_file)} if config_file.is_file() else {"type": backbone}
+        model["backbone"] = current
+        raw["model"] = model
+    if teacher:
+        teachers = {name: dict(entry or {}) for name, entry in (raw.get("teachers") or {}).items()}
+        if teacher not in teachers:
+            config_file = Path("configs/teachers") / f"{teacher}.yaml"
+            if not config_file.is_file():
+                raise ConfigError(
+                    f"--teacher {teacher}: not in the config's 'teachers' section and no "
+                    f"{config_file}; add it to one of them"
+                )
+            teachers[teacher] = {"config": str(config_file)}
+        for name, entry in teachers.items():
+            entry["enabled"] = name == teacher
+        raw["teachers"] = teachers
+    if dataset:
+        raw["data"] = {**(raw.get("data") or {}), "dataset": dataset}
+    return raw
+
+
+def seed_train_main(argv: Sequence[str] | None = None) -> int:
+    """``python tools/train.py --config CFG --backbone B --teacher T --dataset D``."""
+    parser = argparse.ArgumentParser(prog="tools/train.py", description="train a vfmkd experiment")
+    parser.add_argument("--config", required=True, help="experiment YAML")
+    parser.add_argument("--backbone", help="student backbone (yolov8, ...)")
+    parser.add_argument("--teacher", help="teacher to distil from (sam2, sam, dino, ...)")
+    parser.add_argument("--dataset", help="data set name or path (coco128, shapes, data.yaml)")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. train.lr=1e-3")
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def action() -> int:
+        from vfmkd.config import apply_overrides, read_yaml, validate_config
+
+        raw = seed_overrides(
+            read_yaml(args.config), backbone=args.backbone, teacher=args.teacher, dataset=args.dataset
+        )
+        raw = apply_overrides(raw, args.set or [])
+        return run_training(validate_config(raw, args.config), resume=args.resume)
+
+    return run_with_user_errors(action)
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     import torch
 

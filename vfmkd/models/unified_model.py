@@ -1,0 +1,327 @@
+"""The student model: backbone -> neck -> named task heads, built from a config dict.
+
+Example model config (the ``model:`` section of an experiment YAML)::
+
+    model:
+      backbone: {type: yolov8, scale: n}          # or {type: yolov8, config: configs/backbones/yolov8.yaml}
+      neck: {type: yolov8_pafpn}                  # optional; yolov8 defaults to yolov8_pafpn, same scale
+      heads:
+        detection: {type: yolo_head, num_classes: 80}
+      weights: path/to/state_dict.pt              # optional; vfmkd or Ultralytics YOLOv8 keys
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import inspect
+import logging
+import pickle
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import yaml
+from torch import nn
+
+# Importing the packages registers their classes.
+from vfmkd.models import backbones as _backbones  # noqa: F401
+from vfmkd.models import heads as _heads  # noqa: F401
+from vfmkd.models import necks as _necks  # noqa: F401
+from vfmkd.models.backbones.base import BaseBackbone
+from vfmkd.models.ultralytics_compat import convert_ultralytics_state_dict, is_ultralytics_state_dict
+from vfmkd.registry import BACKBONES, HEADS, NECKS, Registry
+
+__all__ = ["DETECTION_HEAD", "PassThroughNeck", "UnifiedModel", "build_model", "load_weights", "read_state_dict"]
+
+logger = logging.getLogger(__name__)
+
+DETECTION_HEAD = "detection"
+FEATURES_KEY = "features"
+_MODEL_KEYS = ("backbone", "neck", "heads", "weights")
+
+
+class PassThroughNeck(nn.Module):
+    """Neck for backbones used without one: returns the backbone's levels unchanged.
+
+    Args:
+        feature_dims: Channels of each level.
+        feature_strides: Stride of each level.
+    """
+
+    def __init__(self, feature_dims: Mapping[str, int], feature_strides: Mapping[str, int]) -> None:
+        super().__init__()
+        self.feature_dims: dict[str, int] = dict(feature_dims)
+        self.feature_strides: dict[str, int] = dict(feature_strides)
+
+    def forward(self, features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Return ``features`` as a new dict."""
+        return dict(features)
+
+
+class UnifiedModel(nn.Module):
+    """Backbone, neck and task heads.
+
+    Args:
+        backbone: Built backbone.
+        neck: Built neck with ``feature_dims`` / ``feature_strides``.
+        heads: Head name (``detection``, ...) to built head.
+        config: The resolved model config, kept so checkpoints can rebuild the model.
+    """
+
+    def __init__(
+        self,
+        *,
+        backbone: BaseBackbone,
+        neck: nn.Module,
+        heads: Mapping[str, nn.Module],
+        config: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if FEATURES_KEY in heads:
+            raise ValueError(f"'{FEATURES_KEY}' is reserved for the neck outputs; rename that head")
+        self.backbone = backbone
+        self.neck = neck
+        self.heads = nn.ModuleDict(dict(heads))
+        self.config: dict[str, Any] = copy.deepcopy(dict(config)) if config is not None else {}
+
+    @property
+    def feature_dims(self) -> dict[str, int]:
+        """Channels of each level in ``outputs["features"]``."""
+        return dict(self.neck.feature_dims)
+
+    @property
+    def strides(self) -> dict[str, int]:
+        """Stride of each level in ``outputs["features"]``, in input pixels."""
+        return dict(self.neck.feature_strides)
+
+    def forward(self, images: torch.Tensor) -> dict[str, Any]:
+        """Run backbone, neck and every head.
+
+        Args:
+            images: ``[B, 3, H, W]`` float RGB in ``[0, 1]``.
+
+        Returns:
+            ``features``: level name to ``[B, C, H / stride, W / stride]`` neck output, and one
+            entry per head with that head's raw outputs (``detection``: list of
+            ``[B, 4 * 16 + num_classes, H_level, W_level]`` maps). Same structure in train and
+            eval mode.
+        """
+        features = self.neck(self.backbone(images))
+        outputs: dict[str, Any] = {FEATURES_KEY: features}
+        for name, head in self.heads.items():
+            outputs[name] = head(features)
+        return outputs
+
+    def loss(self, outputs: Mapping[str, Any], batch_targets: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Merge every head's loss dict.
+
+        Args:
+            outputs: The dict returned by :meth:`forward`.
+            batch_targets: The collated targets; each head reads the keys it needs
+                (detection: ``batch_idx``, ``cls``, ``boxes``).
+
+        Returns:
+            Loss name (``det/box``, ``det/cls``, ``det/dfl``, ...) to scalar tensor; the
+            trainer sums them.
+        """
+        losses: dict[str, torch.Tensor] = {}
+        for name, head in self.heads.items():
+            head_losses = head.loss(outputs[name], batch_targets)
+            clashes = sorted(set(head_losses) & set(losses))
+            if clashes:
+                raise ValueError(f"head '{name}' returns loss names already used by another head: {clashes}")
+            losses.update(head_losses)
+        return losses
+
+    def predict(self, outputs: Mapping[str, Any], **kwargs: Any) -> list[dict[str, torch.Tensor]]:
+        """Detections per image from the ``detection`` head.
+
+        Args:
+            outputs: The dict returned by :meth:`forward`.
+            **kwargs: Passed to the head's ``predict`` (``conf_threshold``, ``iou_threshold``,
+                ``max_det``, ``multi_label``).
+
+        Returns:
+            One dict per image: ``boxes [K, 4]`` ``xyxy`` input pixels, ``scores [K]``,
+            ``labels [K]`` int64.
+        """
+        if DETECTION_HEAD not in self.heads:
+            raise KeyError(f"predict() needs a '{DETECTION_HEAD}' head; this model has {list(self.heads)}")
+        return self.heads[DETECTION_HEAD].predict(outputs[DETECTION_HEAD], **kwargs)
+
+
+def build_model(model_cfg: Mapping[str, Any]) -> UnifiedModel:
+    """Build a :class:`UnifiedModel` from the ``model`` section of an experiment config.
+
+    Args:
+        model_cfg: ``backbone`` (``type`` plus kwargs, optionally ``config``: a YAML file of
+            backbone kwargs, resolved against the working directory, whose keys the explicit
+            ones override), ``neck`` (optional; default from the backbone), ``heads`` (name to
+            ``type`` plus kwargs) and ``weights`` (optional state-dict file, vfmkd or
+            Ultralytics YOLOv8 keys).
+
+    Returns:
+        The model, with ``model.config`` holding the resolved config (backbone YAML merged,
+        default neck filled in, ``weights`` dropped since they are in the model's state).
+    """
+    unknown = sorted(set(model_cfg) - set(_MODEL_KEYS))
+    if unknown:
+        raise KeyError(f"unknown model config keys {unknown}; valid keys: {list(_MODEL_KEYS)}")
+    if "backbone" not in model_cfg:
+        raise KeyError("model config needs a 'backbone' entry, e.g. {'type': 'yolov8', 'scale': 'n'}")
+
+    backbone_cfg = _resolve_backbone_config(model_cfg["backbone"])
+    backbone = _build(BACKBONES, "backbone", backbone_cfg)
+
+    neck_cfg = model_cfg.get("neck")
+    if neck_cfg is None:
+        neck_cfg = backbone.default_neck_config()
+    if neck_cfg is None:
+        neck: nn.Module = PassThroughNeck(backbone.feature_dims, backbone.feature_strides)
+    else:
+        neck = _build(
+            NECKS, "neck", neck_cfg, in_channels=backbone.feature_dims, in_strides=backbone.feature_strides
+        )
+
+    heads_cfg = model_cfg.get("heads") or {}
+    heads: dict[str, nn.Module] = {}
+    for name, head_cfg in heads_cfg.items():
+        heads[name] = _build(
+            HEADS, f"heads.{name}", head_cfg, feature_dims=neck.feature_dims, feature_strides=neck.feature_strides
+        )
+
+    resolved = {"backbone": backbone_cfg, "neck": copy.deepcopy(neck_cfg), "heads": copy.deepcopy(dict(heads_cfg))}
+    model = UnifiedModel(backbone=backbone, neck=neck, heads=heads, config=resolved)
+    weights = model_cfg.get("weights")
+    if weights:
+        load_weights(model, weights)
+    return model
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict with ``torch.load(weights_only=True)``.
+
+    Accepts a plain state dict or a dict holding one under ``state_dict`` or ``model``.
+
+    Args:
+        path: The file.
+
+    Returns:
+        Parameter name to tensor, on the CPU.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path} (resolved to {path.resolve()})")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"{path} contains pickled Python objects (for example a full Ultralytics checkpoint such as "
+            "yolov8n.pt, which stores the whole model), which vfmkd does not unpickle for safety. Save the "
+            "state dict instead: torch.save(model.state_dict(), path) - for an Ultralytics checkpoint, "
+            "torch.save(YOLO('yolov8n.pt').model.state_dict(), 'yolov8n_state_dict.pt')."
+        ) from error
+    if isinstance(loaded, Mapping):
+        for wrapper_key in ("state_dict", "model"):
+            if isinstance(loaded.get(wrapper_key), Mapping):
+                loaded = loaded[wrapper_key]
+                break
+    if not isinstance(loaded, Mapping) or not all(isinstance(value, torch.Tensor) for value in loaded.values()):
+        raise ValueError(
+            f"{path} does not hold a state dict (name -> tensor), nor one under 'state_dict' or 'model'; "
+            f"found {type(loaded).__name__}"
+        )
+    return dict(loaded)
+
+
+def load_weights(model: UnifiedModel, path: str | Path) -> None:
+    """Load a state-dict file into ``model``, strictly.
+
+    Ultralytics YOLOv8 detection keys (``model.<N>.*``) are renamed first (see
+    :mod:`vfmkd.models.ultralytics_compat`).
+
+    Args:
+        model: The model to fill.
+        path: A file readable by :func:`read_state_dict`.
+
+    Raises:
+        ValueError: listing missing, unexpected and shape-mismatched keys.
+    """
+    state_dict = read_state_dict(path)
+    if is_ultralytics_state_dict(state_dict):
+        state_dict = convert_ultralytics_state_dict(state_dict, head_name=DETECTION_HEAD)
+        source = "Ultralytics YOLOv8"
+    else:
+        source = "vfmkd"
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = [
+        f"{key}: file {tuple(state_dict[key].shape)} vs model {tuple(expected[key].shape)}"
+        for key in sorted(set(expected) & set(state_dict))
+        if state_dict[key].shape != expected[key].shape
+    ]
+    if missing or unexpected or mismatched:
+        problems = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+            if keys:
+                shown = "; ".join(keys[:20]) + (f"; ... ({len(keys)} in all)" if len(keys) > 20 else "")
+                problems.append(f"{label}: {shown}")
+        hint = ""
+        if any("class_branches" in entry for entry in mismatched):
+            hint = " The class branches differ in shape: the file was trained with another num_classes."
+        raise ValueError(
+            f"weights {path} ({source} keys) do not match the model built from the config. "
+            + " | ".join(problems)
+            + hint
+        )
+    model.load_state_dict(state_dict, strict=True)
+    logger.info("loaded %s weights from %s (%d tensors)", source, path, len(state_dict))
+
+
+def _resolve_backbone_config(backbone_cfg: Any) -> dict[str, Any]:
+    if not isinstance(backbone_cfg, Mapping):
+        raise TypeError(f"model.backbone must be a mapping with a 'type', got {backbone_cfg!r}")
+    explicit = dict(backbone_cfg)
+    config_path = explicit.pop("config", None)
+    merged: dict[str, Any] = {}
+    if config_path is not None:
+        path = Path(config_path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"model.backbone.config: file '{config_path}' not found (resolved against the working directory "
+                f"to {path.resolve()}); give a path relative to where you run vfmkd, or an absolute one"
+            )
+        with path.open() as file:
+            loaded = yaml.safe_load(file) or {}
+        if not isinstance(loaded, Mapping):
+            raise ValueError(f"backbone config '{config_path}' must hold a mapping of backbone kwargs")
+        merged.update(loaded)
+    merged.update(explicit)
+    if "type" not in merged:
+        raise KeyError(
+            "model.backbone needs a 'type' (e.g. 'yolov8')" + (f"; '{config_path}' has none" if config_path else "")
+        )
+    return merged
+
+
+def _build(registry: Registry, where: str, cfg: Any, **built: Any) -> Any:
+    """Build ``cfg['type']`` from ``registry`` with the other keys of ``cfg`` plus ``built``.
+
+    Keys the constructor does not take are reported with the closest valid one.
+    """
+    if not isinstance(cfg, Mapping) or "type" not in cfg:
+        raise KeyError(f"model.{where} must be a mapping with a 'type', got {cfg!r}")
+    kwargs = dict(cfg)
+    name = kwargs.pop("type")
+    factory = registry.get(name)
+    parameters = inspect.signature(factory).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        valid = [key for key in parameters if key not in built]
+        for key in kwargs:
+            if key not in parameters or key in built:
+                close = difflib.get_close_matches(key, valid, n=1)
+                hint = f" Did you mean '{close[0]}'?" if close else ""
+                raise KeyError(f"model.{where}: unknown key '{key}' for {name}.{hint} Valid keys: {valid}")
+    return factory(**kwargs, **built)
