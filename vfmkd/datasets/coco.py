@@ -1,0 +1,285 @@
+"""COCO-json data sets (``instances_<split>.json`` + an image folder).
+
+Category ids need not be contiguous: they are sorted and mapped to labels ``0..K-1``;
+``dataset.category_ids[label]`` gives the original id back, and the evaluation ground
+truth (:meth:`~vfmkd.datasets.folder.ImageDataset.coco_ground_truth`) uses the original
+ids. Crowd annotations (``iscrowd: 1``) are not training targets; they are kept so that
+evaluation ignores detections on them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from vfmkd.datasets.folder import ImageDataset, ImageRecord, check_image_files
+from vfmkd.datasets.image_io import DatasetError, Problem
+
+logger = logging.getLogger(__name__)
+
+
+def split_token(json_path: Path) -> str:
+    """``instances_train2017.json`` -> ``train2017``; ``instances_val.json`` -> ``val``."""
+    stem = json_path.stem
+    for prefix in ("instances_", "person_keypoints_", "captions_", "panoptic_"):
+        if stem.startswith(prefix):
+            return stem[len(prefix) :]
+    return stem
+
+
+def sibling_json(json_path: Path, split: str) -> Path:
+    """The annotation file of ``split`` beside ``json_path``: ``train`` is swapped for
+    ``split`` in the file name (``instances_train2017.json`` -> ``instances_val2017.json``).
+
+    Returns ``json_path`` itself when its name already names ``split`` or no sibling exists.
+    """
+    token = split_token(json_path)
+    if split in token:
+        return json_path
+    swapped = re.sub(r"(train|val|test)", split, json_path.name, count=1)
+    candidate = json_path.with_name(swapped)
+    return candidate if candidate != json_path and candidate.exists() else json_path
+
+
+def find_image_dir(json_path: Path, images: str | Path | None = None) -> Path:
+    """The image folder of an annotation file.
+
+    Args:
+        json_path: the annotation file.
+        images: an explicit folder (the data config's ``images`` key), if any.
+
+    Raises:
+        DatasetError: no candidate folder exists; the message lists the places tried.
+    """
+    if images:
+        folder = Path(images).expanduser()
+        if not folder.is_dir():
+            raise DatasetError(f"image folder {folder} (data `images:` key) does not exist")
+        return folder
+    token = split_token(json_path)
+    base = token
+    for word in ("train", "val", "test"):
+        if token.startswith(word):
+            base = word
+    parent, grandparent = json_path.parent, json_path.parent.parent
+    candidates = [
+        grandparent / "images" / token,
+        grandparent / token,
+        grandparent / "images" / base,
+        parent / "images" / token,
+        parent / token,
+        parent / "images" / base,
+        grandparent / "images",
+        parent / "images",
+    ]
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate
+    tried = ", ".join(str(candidate) for candidate in candidates[:6])
+    raise DatasetError(
+        f"{json_path}: cannot find its image folder (tried {tried}); set `data.images` to the folder"
+    )
+
+
+def _valid_box(bbox: Any) -> bool:
+    return (
+        isinstance(bbox, (list, tuple))
+        and len(bbox) == 4
+        and all(isinstance(value, (int, float)) and math.isfinite(value) for value in bbox)
+        and bbox[2] > 0
+        and bbox[3] > 0
+    )
+
+
+def build_coco_records(
+    json_path: Path, image_dir: Path
+) -> tuple[list[ImageRecord], list[str], list[int], list[Problem]]:
+    """Read a COCO annotation file into records (original pixels, contiguous labels).
+
+    Returns:
+        Records, class names, original category id per label, and the problems found.
+    """
+    problems: list[Problem] = []
+    try:
+        data = json.loads(json_path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise DatasetError(f"{json_path}: cannot read the annotation file ({error})") from None
+    except ValueError as error:
+        raise DatasetError(f"{json_path}: not valid JSON ({error})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise DatasetError(
+            f"{json_path}: a COCO annotation file needs `images`, `annotations` and `categories`"
+        )
+    categories = sorted(data.get("categories") or [], key=lambda category: category["id"])
+    if not categories:
+        raise DatasetError(f"{json_path}: no `categories`; list the classes with their ids and names")
+    category_ids = [int(category["id"]) for category in categories]
+    if len(set(category_ids)) != len(category_ids):
+        raise DatasetError(f"{json_path}: duplicate category ids in `categories`")
+    names = [str(category.get("name", category["id"])) for category in categories]
+    label_of = {category_id: label for label, category_id in enumerate(category_ids)}
+
+    images_by_id: dict[Any, dict[str, Any]] = {}
+    for image in data["images"]:
+        if "id" not in image or "file_name" not in image:
+            problems.append(
+                Problem(str(json_path), None, f"image entry without id or file_name: {image}; skipped")
+            )
+            continue
+        images_by_id[image["id"]] = image
+    annotations_by_image: dict[Any, list[dict[str, Any]]] = {image_id: [] for image_id in images_by_id}
+    for annotation in data.get("annotations") or []:
+        image_id = annotation.get("image_id")
+        if image_id not in images_by_id:
+            problems.append(
+                Problem(
+                    str(json_path),
+                    None,
+                    f"annotation {annotation.get('id')} refers to unknown image {image_id}; dropped",
+                )
+            )
+            continue
+        if annotation.get("category_id") not in label_of:
+            problems.append(
+                Problem(
+                    str(json_path),
+                    None,
+                    f"annotation {annotation.get('id')} has unknown category "
+                    f"{annotation.get('category_id')}; dropped",
+                )
+            )
+            continue
+        if not _valid_box(annotation.get("bbox")):
+            problems.append(
+                Problem(
+                    str(json_path),
+                    None,
+                    f"annotation {annotation.get('id')} has an invalid bbox "
+                    f"{annotation.get('bbox')}; dropped",
+                )
+            )
+            continue
+        annotations_by_image[image_id].append(annotation)
+
+    entries = sorted(images_by_id.values(), key=lambda image: str(image["file_name"]))
+    paths = [image_dir / str(image["file_name"]) for image in entries]
+    usable = {path: (height, width) for path, height, width in check_image_files(paths, problems)}
+    records = []
+    for image, path in zip(entries, paths):
+        if path not in usable:
+            continue
+        height, width = usable[path]
+        apply_exif = True
+        stated = (int(image.get("height", height)), int(image.get("width", width)))
+        if stated != (height, width):
+            if stated == (width, height):
+                # The annotations were made on the stored pixels, before the EXIF rotation.
+                apply_exif, height, width = False, width, height
+                problems.append(
+                    Problem(
+                        str(path),
+                        None,
+                        "EXIF orientation ignored: the annotations use the stored pixels",
+                        "warning",
+                    )
+                )
+            else:
+                problems.append(
+                    Problem(
+                        str(path),
+                        None,
+                        f"size {height}x{width} differs from the json's {stated[0]}x{stated[1]}; skipped",
+                    )
+                )
+                continue
+        boxes, classes, segments, areas, crowd = [], [], [], [], []
+        for annotation in annotations_by_image[image["id"]]:
+            x, y, box_w, box_h = (float(value) for value in annotation["bbox"])
+            box = np.array([x, y, x + box_w, y + box_h]).clip([0, 0, 0, 0], [width, height, width, height])
+            label = label_of[annotation["category_id"]]
+            if annotation.get("iscrowd", 0):
+                crowd.append(
+                    {
+                        "bbox": [
+                            float(box[0]),
+                            float(box[1]),
+                            float(box[2] - box[0]),
+                            float(box[3] - box[1]),
+                        ],
+                        "area": float(annotation.get("area", box_w * box_h)),
+                        "segmentation": annotation.get("segmentation"),
+                        "category_id": label,
+                    }
+                )
+                continue
+            if box[2] <= box[0] or box[3] <= box[1]:
+                problems.append(
+                    Problem(
+                        str(json_path),
+                        None,
+                        f"annotation {annotation.get('id')} lies outside its image; dropped",
+                    )
+                )
+                continue
+            boxes.append(box)
+            classes.append(label)
+            segmentation = annotation.get("segmentation")
+            segments.append(segmentation if segmentation else None)
+            areas.append(float(annotation.get("area", box_w * box_h)))
+        records.append(
+            ImageRecord(
+                path,
+                Path(str(image["file_name"])).with_suffix("").as_posix(),
+                height,
+                width,
+                np.array(boxes, dtype=np.float32).reshape(-1, 4),
+                np.array(classes, dtype=np.int64),
+                segments=segments,
+                areas=np.array(areas, dtype=np.float64),
+                crowd=crowd,
+                apply_exif=apply_exif,
+            )
+        )
+    return records, names, category_ids, problems
+
+
+class CocoDataset(ImageDataset):
+    """A COCO-json data set.
+
+    Attributes:
+        category_ids: original COCO category id of each contiguous label (also
+            ``eval_category_ids``: the ground truth keeps the original ids).
+
+    Args:
+        annotation_file: ``instances_<split>.json``.
+        image_dir: the images; found from the json's location when None (see
+            :func:`find_image_dir`).
+        **kwargs: see :class:`~vfmkd.datasets.folder.ImageDataset`.
+    """
+
+    def __init__(
+        self, annotation_file: str | Path, image_dir: str | Path | None = None, **kwargs: Any
+    ) -> None:
+        annotation_file = Path(annotation_file)
+        folder = find_image_dir(annotation_file, image_dir)
+        records, names, category_ids, problems = build_coco_records(annotation_file, folder)
+        kwargs.setdefault("source", str(annotation_file))
+        super().__init__(records, names, eval_category_ids=category_ids, problems=problems, **kwargs)
+        self.category_ids: list[int] = list(category_ids)
+        self.annotation_file = annotation_file
+        self.image_dir = folder
+
+
+def category_names(annotation_file: str | Path) -> Sequence[str]:
+    """Class names of a COCO annotation file, in label order."""
+    data = json.loads(Path(annotation_file).read_text(encoding="utf-8"))
+    return [
+        str(category.get("name"))
+        for category in sorted(data.get("categories") or [], key=lambda category: category["id"])
+    ]
