@@ -1,0 +1,229 @@
+"""Training checkpoints: what a run needs to continue exactly, in a safe-to-load file.
+
+A checkpoint holds only tensors and plain Python values (dicts, lists, numbers,
+strings), so it loads with ``torch.load(weights_only=True)``: opening a checkpoint never
+runs code from the file. Keys::
+
+    format_version  int
+    model           state dict of the trained model
+    model_config    the model's config dict (rebuilds the architecture)
+    ema             {"module": state dict, "updates": int} or None
+    optimizer       optimizer state dict or None
+    scheduler       the LR schedule's plain values or None
+    scaler          GradScaler state dict or None
+    step, epoch, batch_in_epoch, world_size   progress counters
+    config          the resolved experiment config (plain dict)
+    rng_state       per rank, python / numpy / torch / cuda generator states (plain values)
+    best_fitness    float or None
+    metrics         the latest evaluation metrics
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import random
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from vfmkd.core.distributed import unwrap_model
+from vfmkd.utils.io import atomic_torch_save
+
+__all__ = [
+    "CHECKPOINT_FORMAT_VERSION",
+    "CheckpointError",
+    "capture_rng_state",
+    "load_checkpoint",
+    "load_model_from_checkpoint",
+    "restore_rng_state",
+    "save_checkpoint",
+]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message says which file and why."""
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """The global generators' states as plain values (safe for ``weights_only`` loading).
+
+    Returns:
+        ``{"python": [...], "numpy": {...}, "torch": ByteTensor, "cuda": ByteTensor or None}``;
+        ``cuda`` is the state of the current CUDA device.
+    """
+    version, python_state, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    return {
+        "python": [int(version), [int(value) for value in python_state], gauss],
+        "numpy": {
+            "kind": str(kind),
+            "keys": [int(value) for value in keys],
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
+    }
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Set the global generators from :func:`capture_rng_state`'s output."""
+    version, python_state, gauss = state["python"]
+    random.setstate((int(version), tuple(int(value) for value in python_state), gauss))
+    numpy_state = state["numpy"]
+    np.random.set_state(
+        (
+            numpy_state["kind"],
+            np.asarray(numpy_state["keys"], dtype=np.uint32),
+            int(numpy_state["position"]),
+            int(numpy_state["has_gauss"]),
+            float(numpy_state["cached_gaussian"]),
+        )
+    )
+    torch.set_rng_state(state["torch"].cpu())
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"].cpu())
+
+
+def save_checkpoint(
+    path: str | Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler_state: Mapping[str, Any] | None = None,
+    ema: Any | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    step: int = 0,
+    epoch: int = 0,
+    config_dict: Mapping[str, Any] | None = None,
+    rng_state: Any = None,
+    best_fitness: float | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    batch_in_epoch: int = 0,
+    world_size: int = 1,
+) -> Path:
+    """Write a checkpoint atomically (readers see the old file or the complete new one).
+
+    Args:
+        path: destination, e.g. ``runs/exp/checkpoints/last.pt``.
+        model: the trained model (a DDP wrapper is unwrapped).
+        optimizer: its state is saved when given.
+        scheduler_state: plain values describing the LR schedule.
+        ema: a :class:`~vfmkd.core.ema.ModelEMA` (or anything with ``state_dict()``).
+        scaler: the AMP gradient scaler.
+        step: optimizer steps done.
+        epoch: the epoch in progress (or the next one when ``batch_in_epoch == 0``).
+        config_dict: the resolved experiment config as a plain dict.
+        rng_state: generator states, e.g. one :func:`capture_rng_state` per rank; plain
+            values and tensors only.
+        best_fitness: best evaluation fitness so far.
+        metrics: latest evaluation metrics.
+        batch_in_epoch: micro-batches of ``epoch`` already consumed (per rank).
+        world_size: processes of the run (the data order depends on it).
+
+    Returns:
+        ``path``.
+    """
+    module = unwrap_model(model)
+    checkpoint = {
+        "format_version": CHECKPOINT_FORMAT_VERSION,
+        "model": module.state_dict(),
+        "model_config": _plain_config(getattr(module, "config", None)),
+        "ema": ema.state_dict() if ema is not None else None,
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": dict(scheduler_state) if scheduler_state is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "step": int(step),
+        "epoch": int(epoch),
+        "batch_in_epoch": int(batch_in_epoch),
+        "world_size": int(world_size),
+        "config": dict(config_dict) if config_dict is not None else None,
+        "rng_state": rng_state,
+        "best_fitness": None if best_fitness is None else float(best_fitness),
+        "metrics": dict(metrics) if metrics is not None else None,
+    }
+    return atomic_torch_save(checkpoint, path)
+
+
+def _plain_config(config: Any) -> dict[str, Any] | None:
+    """A model config as a plain dict (pydantic models are dumped)."""
+    if config is None:
+        return None
+    if hasattr(config, "model_dump"):
+        return config.model_dump(mode="json")
+    return dict(config)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``.
+
+    Args:
+        path: checkpoint file.
+        map_location: where tensors go (default CPU).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        CheckpointError: the file holds objects that need unpickling code (not written by
+            :func:`save_checkpoint`), or is not a checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"{path}: refusing to load: the file holds Python objects that need unpickling code "
+            f"({str(error).splitlines()[0] if str(error) else 'unsupported object'}). vfmkd checkpoints "
+            "hold tensors and plain values only. If you trust this file, load it with "
+            "torch.load(path, weights_only=False) and re-save its state dicts with save_checkpoint."
+        ) from None
+    except (RuntimeError, EOFError) as error:
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({error})") from None
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
+        raise CheckpointError(
+            f"{path}: not a vfmkd checkpoint (expected a dict with a 'model' state dict, got "
+            f"{type(checkpoint).__name__}{' with keys ' + str(sorted(checkpoint)) if isinstance(checkpoint, dict) else ''})"
+        )
+    version = checkpoint.get("format_version", 0)
+    if version > CHECKPOINT_FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format {version} is newer than this vfmkd understands "
+            f"({CHECKPOINT_FORMAT_VERSION}); upgrade vfmkd"
+        )
+    return checkpoint
+
+
+def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the model of a checkpoint and load its EMA weights (else its raw weights).
+
+    Args:
+        path: checkpoint file written by :func:`save_checkpoint`.
+        device: where the model goes.
+
+    Returns:
+        The model in eval mode on ``device``.
+    """
+    from vfmkd.models import build_model
+
+    checkpoint = load_checkpoint(path)
+    model_config = checkpoint.get("model_config")
+    if model_config is None:
+        model_config = (checkpoint.get("config") or {}).get("model")
+    if model_config is None:
+        raise CheckpointError(f"{path}: no model config stored; cannot rebuild the architecture")
+    model = build_model(model_config)
+    ema_state = checkpoint.get("ema")
+    state = ema_state["module"] if ema_state else checkpoint["model"]
+    model.load_state_dict(state)
+    logger.info("loaded %s weights from %s", "EMA" if ema_state else "model", path)
+    return model.to(device).eval()
