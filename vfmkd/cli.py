@@ -88,26 +88,27 @@ def seed_overrides(
     ``data.dataset``.
     """
     from vfmkd.config import ConfigError
+    from vfmkd.utils.paths import find_project_file
 
     raw = dict(raw or {})
     if backbone:
         model = dict(raw.get("model") or {})
         current = dict(model.get("backbone") or {})
         if current.get("type") != backbone:
-            config_file = Path("configs/backbones") / f"{backbone}.yaml"
-            current = {"config": str(config_file)} if config_file.is_file() else {"type": backbone}
+            config_file = f"configs/backbones/{backbone}.yaml"
+            current = {"config": config_file} if find_project_file(config_file) else {"type": backbone}
         model["backbone"] = current
         raw["model"] = model
     if teacher:
         teachers = {name: dict(entry or {}) for name, entry in (raw.get("teachers") or {}).items()}
         if teacher not in teachers:
-            config_file = Path("configs/teachers") / f"{teacher}.yaml"
-            if not config_file.is_file():
+            config_file = f"configs/teachers/{teacher}.yaml"
+            if find_project_file(config_file) is None:
                 raise ConfigError(
                     f"--teacher {teacher}: not in the config's 'teachers' section and no "
                     f"{config_file}; add it to one of them"
                 )
-            teachers[teacher] = {"config": str(config_file)}
+            teachers[teacher] = {"config": config_file}
         for name, entry in teachers.items():
             entry["enabled"] = name == teacher
         raw["teachers"] = teachers

@@ -143,7 +143,7 @@ class TrainConfig(_Strict):
     final_lr_ratio: float = Field(default=0.01, ge=0.0, le=1.0)
     warmup_epochs: float = Field(default=3.0, ge=0.0)
     warmup_steps: int | None = Field(default=None, ge=0)
-    warmup_bias_lr: float = Field(default=0.1, ge=0.0)
+    warmup_bias_lr: float | None = Field(default=None, ge=0.0)  # None: 0.1 for SGD, 0 for AdamW
     ema: bool = True
     ema_decay: float = Field(default=0.9999, gt=0.0, lt=1.0)
     ema_tau: float = Field(default=2000.0, gt=0.0)

@@ -142,7 +142,12 @@ class LRSchedule:
             base_lr=train_cfg.lr,
             total_steps=total_steps,
             warmup_steps=min(warmup, total_steps),
-            warmup_bias_lr=train_cfg.warmup_bias_lr,
+            # NOTE: as YOLOv8, a high starting bias LR suits SGD only; AdamW starts biases at 0.
+            warmup_bias_lr=(
+                train_cfg.warmup_bias_lr
+                if train_cfg.warmup_bias_lr is not None
+                else (0.1 if train_cfg.optimizer == "sgd" else 0.0)
+            ),
             scheduler=train_cfg.scheduler,
             final_lr_ratio=train_cfg.final_lr_ratio,
             momentum=train_cfg.momentum,

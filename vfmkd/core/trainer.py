@@ -207,6 +207,17 @@ class TaskLoss:
         return weighted
 
 
+def _warn_unused_distillation(config: Any) -> None:
+    teachers = [name for name, teacher in config.teachers.items() if teacher.enabled]
+    terms = [name for name in config.distillation.losses if name not in TASK_LOSS_PREFIXES]
+    if teachers or terms:
+        logger.warning(
+            "teachers %s and distillation terms %s are configured, but this version of vfmkd "
+            "trains the task losses only (teacher distillation is not available yet)",
+            teachers, terms,
+        )
+
+
 class Trainer:
     """Trains a model from an :class:`~vfmkd.config.ExperimentConfig`.
 
@@ -274,6 +285,8 @@ class Trainer:
             collate_fn = collate_samples
         self.collate_fn = collate_fn
         self.loss_fn: LossFunction = loss_fn if loss_fn is not None else TaskLoss.from_config(config)
+        if loss_fn is None:
+            _warn_unused_distillation(config)
         if isinstance(self.loss_fn, nn.Module):
             self.loss_fn.to(self.device)
 

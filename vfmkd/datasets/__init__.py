@@ -36,6 +36,7 @@ from vfmkd.datasets.collate import collate_samples
 from vfmkd.datasets.folder import FolderDataset, ImageDataset, ImageRecord
 from vfmkd.datasets.image_io import CorruptImageError, DatasetError, Problem, load_image_rgb
 from vfmkd.datasets.synthetic import generate_synthetic_dataset
+from vfmkd.utils.paths import PROJECT_ROOT
 from vfmkd.datasets.transforms import EvalTransform, IdentityTransform, TrainTransform, config_value
 from vfmkd.datasets.yolo import YoloDataset, dataset_root, read_data_yaml
 
@@ -67,7 +68,7 @@ DOWNLOAD_HINT = (
     "run `bash scripts/download_datasets.sh` (needs internet), or use the built-in `shapes` data set"
 )
 # The checkout this package sits in, for configs/data/*.yaml when run from elsewhere.
-_PACKAGE_PROJECT_ROOT = Path(__file__).resolve().parents[2]
+_PACKAGE_PROJECT_ROOT = PROJECT_ROOT
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,8 @@ from typing import Any, Mapping
 
 import torch
 import yaml
+
+from vfmkd.utils.paths import PROJECT_ROOT, find_project_file
 from torch import nn
 
 # Importing the packages registers their classes.
@@ -287,11 +289,11 @@ def _resolve_backbone_config(backbone_cfg: Any) -> dict[str, Any]:
     config_path = explicit.pop("config", None)
     merged: dict[str, Any] = {}
     if config_path is not None:
-        path = Path(config_path)
-        if not path.is_file():
+        path = find_project_file(config_path)
+        if path is None:
             raise FileNotFoundError(
-                f"model.backbone.config: file '{config_path}' not found (resolved against the working directory "
-                f"to {path.resolve()}); give a path relative to where you run vfmkd, or an absolute one"
+                f"model.backbone.config: file '{config_path}' not found (looked in the working directory "
+                f"{Path.cwd()} and in the vfmkd checkout {PROJECT_ROOT}); give an existing path"
             )
         with path.open() as file:
             loaded = yaml.safe_load(file) or {}
