@@ -334,6 +334,22 @@ class Trainer:
         self.metric_logger: Any = None
 
     # ----------------------------------------------------------------- set-up helpers
+    def _close_mosaic_if_due(self) -> None:
+        """Turn mosaic off for the last ``data.augment.close_mosaic`` epochs, as YOLOv8 does.
+
+        Derived from the epoch alone, so a resumed run switches at the same epoch. The
+        loader is rebuilt because persistent workers hold their own copy of the transform.
+        """
+        settings = getattr(getattr(self.train_dataset, "transform", None), "settings", None)
+        if not isinstance(settings, dict) or not settings.get("mosaic"):
+            return
+        total_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        if self.epoch < total_epochs - self.config.data.augment.close_mosaic:
+            return
+        logger.info("epoch %d: closing mosaic for the last %d epoch(s)", self.epoch + 1, total_epochs - self.epoch)
+        settings["mosaic"] = 0.0
+        self.sampler, self.train_loader, _ = self._build_train_loader(self.train_dataset)
+
     def _build_train_loader(self, dataset: Dataset) -> tuple[ResumableSampler, DataLoader, int]:
         """The shuffling, resumable training loader and its micro-batches per epoch (per rank)."""
         seed = self.config.train.seed
@@ -549,6 +565,7 @@ class Trainer:
         from tqdm import tqdm
         from tqdm.contrib.logging import logging_redirect_tqdm
 
+        self._close_mosaic_if_due()
         self.sampler.set_epoch(self.epoch)
         self.sampler.set_start(self.batch_in_epoch * self.batch_size)
         self.train_model.train()

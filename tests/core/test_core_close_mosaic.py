@@ -1,0 +1,25 @@
+from vfmkd.config import validate_config
+from vfmkd.core.trainer import Trainer
+from vfmkd.datasets.synthetic import generate_synthetic_dataset
+
+
+def test_mosaic_closes_for_the_last_epochs(tmp_path, monkeypatch):
+    monkeypatch.setenv("VFMKD_CACHE_DIR", str(tmp_path / "cache"))
+    data_yaml = generate_synthetic_dataset(tmp_path / "shapes", num_train=4, num_val=2, seed=1)
+    config = validate_config(
+        {
+            "model": {"backbone": {"type": "yolov8", "scale": "n"},
+                      "heads": {"detection": {"type": "yolo_head", "num_classes": 6}}},
+            "data": {"dataset": str(data_yaml), "img_size": 64, "batch_size": 4, "num_workers": 0,
+                     "augment": {"mosaic": 1.0, "close_mosaic": 2}},
+            "train": {"epochs": 4, "ema": False, "eval_interval": 100, "output_dir": str(tmp_path / "runs")},
+        }
+    )
+
+    class Recording(Trainer):
+        def after_step(self) -> None:
+            seen.append((self.epoch, self.train_dataset.transform.settings["mosaic"]))
+
+    seen: list[tuple[int, float]] = []
+    Recording(config).train()
+    assert seen == [(0, 1.0), (1, 1.0), (2, 0.0), (3, 0.0)]
