@@ -17,6 +17,11 @@ fi
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
 # torch first: the largest download, and its build decides torchvision's.
 "$VENV/bin/python" -m pip install --quiet "torch>=2.4" "torchvision>=0.19"
+# The official SAM 2 package ships as source: build it against the torch above (no isolated
+# build environment that would fetch another torch) and without its optional CUDA extension
+# (it only speeds up video mask post-processing, which vfmkd does not use).
+"$VENV/bin/python" -m pip install --quiet "setuptools>=64" wheel
+SAM2_BUILD_CUDA=0 "$VENV/bin/python" -m pip install --quiet --no-build-isolation "sam2>=1.1.0" "segment-anything>=1.0"
 "$VENV/bin/python" -m pip install --quiet -r requirements.txt
 "$VENV/bin/python" -m pip install --quiet -e ".[test]"
 touch "$STAMP"
