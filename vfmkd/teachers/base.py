@@ -126,6 +126,54 @@ class BaseTeacher(nn.Module, abc.ABC):
         results = [self.preprocess_image(image) for image in images]
         return torch.stack([pixels for pixels, _ in results]), [frame for _, frame in results]
 
+    def input_mean_std(self) -> tuple[list[float], list[float]]:
+        """Normalisation mean and std per RGB channel, for images in ``[0, 1]``.
+
+        Read from :meth:`preprocessing` (``pixel_mean`` / ``pixel_std``); values given in
+        0-255 units (SAM's) are scaled down.
+        """
+        settings = self.preprocessing()
+        mean = [float(value) for value in settings["pixel_mean"]]
+        std = [float(value) for value in settings["pixel_std"]]
+        if max(mean) > 1.5:
+            mean, std = [value / 255.0 for value in mean], [value / 255.0 for value in std]
+        return mean, std
+
+    def preprocess_tensor(self, images: torch.Tensor) -> tuple[torch.Tensor, list[Frame]]:
+        """Teacher input from a batch of images already on the device (online distillation).
+
+        The geometry is :meth:`frame_for` of the batch's size (a resize and a pad); the
+        resize is bilinear with antialiasing, the padding is zero after normalisation.
+        It follows the official preprocessing up to resampling details, since the
+        official code runs on decoded uint8 images instead.
+
+        Args:
+            images: ``[B, 3, H, W]`` float in ``[0, 1]``.
+
+        Returns:
+            ``[B, 3, S, S]`` normalised teacher input and B frames (image -> teacher input).
+        """
+        height, width = images.shape[-2:]
+        frame = self.frame_for((int(height), int(width)))
+        matrix = frame.matrix
+        if abs(matrix[0, 1]) > 1e-9 or abs(matrix[1, 0]) > 1e-9 or matrix[0, 0] <= 0 or matrix[1, 1] <= 0:
+            raise ValueError(f"{self.name}: preprocess_tensor handles resize-and-pad frames only, got {matrix.tolist()}")
+        x0, y0, x1, y1 = frame.valid
+        left, top = int(round(x0)), int(round(y0))
+        content_w, content_h = int(round(x1)) - left, int(round(y1)) - top
+        resized = torch.nn.functional.interpolate(
+            images.float(), size=(content_h, content_w), mode="bilinear", align_corners=False,
+            antialias=content_h < height or content_w < width,
+        )
+        mean, std = self.input_mean_std()
+        mean_tensor = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
+        std_tensor = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
+        resized = (resized - mean_tensor) / std_tensor
+        out_h, out_w = frame.input_size
+        pixels = resized.new_zeros((images.shape[0], 3, out_h, out_w))
+        pixels[:, :, top : top + content_h, left : left + content_w] = resized
+        return pixels, [frame] * images.shape[0]
+
     @torch.inference_mode()
     def extract(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         """The requested features of preprocessed ``pixels [B, 3, S, S]``."""
