@@ -65,7 +65,14 @@ class ModelConfig(_Strict):
 
 
 class TeacherConfig(_Strict):
-    """One teacher. ``name`` is the registry name (defaults to the entry's key)."""
+    """One teacher.
+
+    ``name`` is the registry name (default: the entry's key, so ``sam2`` means
+    ``sam2.1_hiera_b+``). ``offline: false`` runs the teacher live on every sample;
+    otherwise ``offline_ratio`` (default ``distillation.offline_ratio``) of the samples read
+    the store at ``feature_path``. ``config`` names a YAML file of these keys (the entry's
+    own keys win).
+    """
 
     name: str | None = None
     enabled: bool = True
@@ -73,10 +80,11 @@ class TeacherConfig(_Strict):
     model_path: str | None = None
     feature_path: str | None = None
     features: list[str] | None = None
-    image_size: int | None = None
+    image_size: int | None = Field(default=None, ge=32)
     offline_ratio: float | None = Field(default=None, ge=0.0, le=1.0)
     write_back: bool = False
     allow_random_init: bool = False
+    random_init_seed: int = 0
     normalize: bool = False
     config: str | None = None
 
@@ -95,7 +103,11 @@ class LossConfig(_Strict):
 
 
 class DistillationConfig(_Strict):
+    """How teachers are mixed. ``teacher_dropout`` drops each teacher's terms for a whole
+    step with that probability (never all teachers at once)."""
+
     offline_ratio: float = Field(default=0.8, ge=0.0, le=1.0)
+    teacher_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     losses: dict[str, LossConfig] = Field(default_factory=dict)
 
 

@@ -203,6 +203,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return checkpoint
 
 
+DISTILL_PREFIX = "distill."
+
+
 def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the model of a checkpoint and load its EMA weights (else its raw weights).
 
@@ -224,6 +227,9 @@ def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "c
     model = build_model(model_config)
     ema_state = checkpoint.get("ema")
     state = ema_state["module"] if ema_state else checkpoint["model"]
+    # NOTE: distillation adapters and loss parameters only serve training; the student
+    # alone is rebuilt here (as on export).
+    state = {key: value for key, value in state.items() if not key.startswith(DISTILL_PREFIX)}
     model.load_state_dict(state)
     logger.info("loaded %s weights from %s", "EMA" if ema_state else "model", path)
     return model.to(device).eval()

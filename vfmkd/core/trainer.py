@@ -207,15 +207,10 @@ class TaskLoss:
         return weighted
 
 
-def _warn_unused_distillation(config: Any) -> None:
-    teachers = [name for name, teacher in config.teachers.items() if teacher.enabled]
-    terms = [name for name in config.distillation.losses if name not in TASK_LOSS_PREFIXES]
-    if teachers or terms:
-        logger.warning(
-            "teachers %s and distillation terms %s are configured, but this version of vfmkd "
-            "trains the task losses only (teacher distillation is not available yet)",
-            teachers, terms,
-        )
+def collate_samples_default() -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+    from vfmkd.datasets.collate import collate_samples
+
+    return collate_samples
 
 
 class Trainer:
@@ -280,13 +275,22 @@ class Trainer:
         self.train_dataset = train_dataset
         self.val_dataset = val_dataset
         if collate_fn is None:
-            from vfmkd.datasets.collate import collate_samples
-
-            collate_fn = collate_samples
+            collate_fn = collate_samples_default()
         self.collate_fn = collate_fn
-        self.loss_fn: LossFunction = loss_fn if loss_fn is not None else TaskLoss.from_config(config)
         if loss_fn is None:
-            _warn_unused_distillation(config)
+            from vfmkd.distillation.distiller import build_distiller
+            from vfmkd.distillation.sources import DistillationDataset, collate_with_teacher_features
+
+            # NOTE: before the optimizer: the distiller adds its adapters to the model.
+            distiller = build_distiller(config, self.model)
+            if distiller is not None:
+                loss_fn = distiller
+                self.model.to(self.device)
+                self.train_dataset = DistillationDataset(train_dataset, distiller.offline_plans())
+                train_dataset = self.train_dataset
+                if self.collate_fn is collate_samples_default():
+                    self.collate_fn = collate_with_teacher_features
+        self.loss_fn: LossFunction = loss_fn if loss_fn is not None else TaskLoss.from_config(config)
         if isinstance(self.loss_fn, nn.Module):
             self.loss_fn.to(self.device)
 

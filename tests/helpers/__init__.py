@@ -1,0 +1,1 @@
+"""Test-only helpers (teachers and data that exist to check the framework)."""

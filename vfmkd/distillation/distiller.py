@@ -1,0 +1,474 @@
+"""From the experiment config to loss terms: alignment, adapters, teachers, stores.
+
+:func:`plan_distillation` reads ``teachers`` and ``distillation.losses`` and resolves every
+pairing of a student level with a named teacher feature (channels, strides, grid, loss,
+weight), failing before training with a message that names the config key when a pair
+cannot work. :class:`Distiller` is then the trainer's ``loss_fn``: task losses plus one
+``distill/<teacher>/<feature><-<level>`` term per pair.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from vfmkd.config import ConfigError, ExperimentConfig, TeacherConfig, read_yaml
+from vfmkd.distillation.sources import OFFLINE_KEY, OfflinePlan, offline_features, online_features
+from vfmkd.teachers.base import FeatureSpec
+from vfmkd.utils.paths import find_project_file
+
+logger = logging.getLogger(__name__)
+
+TASK_TERMS = {"detection": "det/", "segmentation": "seg/"}
+# NOTE: the seed names its loss `feature_mse`; a `feature_` prefix before a loss name
+# means that loss when no `type` is given.
+LOSS_NAME_PREFIX = "feature_"
+
+
+@dataclass
+class TeacherPlan:
+    """A resolved teacher entry."""
+
+    key: str
+    registry_name: str
+    config: TeacherConfig
+    specs: dict[str, FeatureSpec]
+    offline_ratio: float
+    store: Any = None
+    fingerprint_fields: dict[str, Any] | None = None
+
+
+@dataclass
+class TermPlan:
+    """One distillation term: a student level matched to a teacher feature."""
+
+    name: str
+    entry: str
+    teacher: str
+    feature: str
+    level: str
+    loss_type: str
+    weight: float
+    align_to: str
+    adapter: str
+    student_channels: int
+    student_stride: int
+    teacher_channels: int
+    teacher_stride: int
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def module_key(self) -> str:
+        # ModuleDict keys may not contain dots.
+        return f"{self.teacher}__{self.feature}__{self.level}".replace(".", "_")
+
+
+def _merged_teacher_config(key: str, teacher: TeacherConfig) -> TeacherConfig:
+    if teacher.config is None:
+        return teacher
+    path = find_project_file(teacher.config)
+    if path is None:
+        raise ConfigError(f"teachers.{key}.config: file '{teacher.config}' not found")
+    loaded = read_yaml(path) or {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: a teacher config must be a mapping of teacher keys")
+    explicit = teacher.model_dump(exclude_unset=True)
+    explicit.pop("config", None)
+    try:
+        return TeacherConfig.model_validate({**loaded, **explicit})
+    except Exception as error:  # pydantic's ValidationError, reported with the file
+        raise ConfigError(f"{path} (teachers.{key}.config): {error}") from None
+
+
+def declared_teacher_specs(registry_name: str, image_size: int | None, features: list[str] | None) -> dict[str, FeatureSpec]:
+    """A teacher's feature specs without loading weights (built on the meta device)."""
+    from vfmkd.registry import TEACHERS
+    import vfmkd.teachers  # noqa: F401  (registers the teachers)
+
+    factory = TEACHERS.get(registry_name)
+    with torch.device("meta"):
+        teacher = factory(checkpoint=None, features=features, image_size=image_size)
+    return dict(teacher.feature_specs)
+
+
+def plan_distillation(config: ExperimentConfig, student_dims: Mapping[str, int], student_strides: Mapping[str, int]) -> tuple[dict[str, TeacherPlan], list[TermPlan]]:
+    """Resolve teachers and loss terms; every problem is a :class:`ConfigError`.
+
+    Args:
+        config: the experiment.
+        student_dims: channels of each student level (``model.feature_dims``).
+        student_strides: stride of each student level.
+    """
+    from vfmkd.registry import LOSSES, TEACHERS
+    import vfmkd.distillation.losses  # noqa: F401  (registers the losses)
+    import vfmkd.teachers  # noqa: F401
+
+    losses = {name: entry for name, entry in config.distillation.losses.items() if name not in TASK_TERMS}
+    used = {entry.teacher for entry in losses.values()}
+    teachers: dict[str, TeacherPlan] = {}
+    for key, raw_teacher in config.teachers.items():
+        if not raw_teacher.enabled or key not in used:
+            continue
+        teacher = _merged_teacher_config(key, raw_teacher)
+        registry_name = teacher.name or key
+        try:
+            TEACHERS.get(registry_name)
+        except KeyError as error:
+            raise ConfigError(f"teachers.{key}: {error.args[0]}") from None
+        if teacher.offline:
+            ratio = teacher.offline_ratio if teacher.offline_ratio is not None else config.distillation.offline_ratio
+        else:
+            ratio = 0.0
+        store = None
+        specs: dict[str, FeatureSpec]
+        if ratio > 0.0:
+            if not teacher.feature_path:
+                raise ConfigError(
+                    f"teachers.{key}: offline distillation needs 'feature_path' (a feature store made with "
+                    f"`vfmkd features extract --teacher {registry_name} ...`), or set 'offline: false'"
+                )
+            from vfmkd.features.store import FeatureStore
+
+            try:
+                store = FeatureStore.open(teacher.feature_path)
+            except FileNotFoundError:
+                raise ConfigError(
+                    f"teachers.{key}.feature_path: no feature store at '{teacher.feature_path}'; make it with "
+                    f"`python tools/prepare_teacher_features.py --teacher {key} --dataset {config.data.dataset} "
+                    f"--output {teacher.feature_path}` (or set offline: false)"
+                ) from None
+            specs = dict(store.specs)
+        else:
+            specs = declared_teacher_specs(registry_name, teacher.image_size, teacher.features)
+        teachers[key] = TeacherPlan(key, registry_name, teacher, specs, ratio, store)
+
+    terms: list[TermPlan] = []
+    for entry_name, entry in losses.items():
+        where = f"distillation.losses.{entry_name}"
+        if entry.teacher is None:
+            raise ConfigError(f"{where}: names no 'teacher' (one of: {', '.join(config.teachers) or 'none configured'})")
+        if entry.teacher not in config.teachers:
+            raise ConfigError(f"{where}.teacher: '{entry.teacher}' is not in 'teachers' ({', '.join(config.teachers)})")
+        if entry.teacher not in teachers:
+            continue  # the teacher is disabled: its terms are off too
+        plan = teachers[entry.teacher]
+        loss_type = entry.type or (entry_name[len(LOSS_NAME_PREFIX):] if entry_name.startswith(LOSS_NAME_PREFIX) else entry_name)
+        if loss_type not in LOSSES:
+            raise ConfigError(f"{where}.type: unknown loss '{loss_type}'; known: {', '.join(LOSSES.names())}")
+        feature = entry.feature or next(iter(plan.specs))
+        if feature not in plan.specs:
+            raise ConfigError(f"{where}.feature: teacher '{entry.teacher}' has no feature '{feature}' "
+                              f"(available: {', '.join(plan.specs)})")
+        spec = plan.specs[feature]
+        levels = [entry.student] if isinstance(entry.student, str) else list(entry.student or [])
+        if not levels:
+            levels = [_closest_level(spec.stride, student_strides)]
+        for level in levels:
+            if level not in student_dims:
+                raise ConfigError(f"{where}.student: the student has no level '{level}' (levels: {', '.join(student_dims)})")
+            if spec.stride == 0 and entry.align_to == "teacher" and loss_type in ("cwd", "fgd", "mgd"):
+                raise ConfigError(f"{where}: '{loss_type}' needs a spatial map; '{feature}' is a global vector")
+            adapter = entry.adapter or "conv1x1"
+            # NOTE: mgd's own generator maps student channels to teacher channels.
+            generative = loss_type == "mgd"
+            if adapter in ("none", "identity") and student_dims[level] != spec.channels and not generative:
+                raise ConfigError(
+                    f"{where}.adapter: '{adapter}' needs equal channels, but {level} has {student_dims[level]} "
+                    f"and {entry.teacher}.{feature} has {spec.channels}; use conv1x1, conv_norm_conv or mlp"
+                )
+            terms.append(
+                TermPlan(
+                    name=f"distill/{entry.teacher}/{feature}<-{level}",
+                    entry=entry_name,
+                    teacher=entry.teacher,
+                    feature=feature,
+                    level=level,
+                    loss_type=loss_type,
+                    weight=entry.weight,
+                    align_to=entry.align_to,
+                    adapter=adapter,
+                    student_channels=student_dims[level],
+                    student_stride=student_strides[level],
+                    teacher_channels=spec.channels,
+                    teacher_stride=spec.stride,
+                    params=dict(entry.params),
+                )
+            )
+    names = [term.name for term in terms]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ConfigError(f"distillation.losses: the same pairing appears twice: {', '.join(duplicates)}")
+    return teachers, terms
+
+
+def _closest_level(stride: int, student_strides: Mapping[str, int]) -> str:
+    if stride == 0:
+        return max(student_strides, key=lambda level: student_strides[level])
+    return min(student_strides, key=lambda level: abs(math.log2(student_strides[level] / stride)))
+
+
+def alignment_table(terms: list[TermPlan], teachers: Mapping[str, TeacherPlan], image_size: int) -> str:
+    """The start-of-run table: student level -> adapter -> teacher feature, grid, loss."""
+    rows = [("student", "adapter", "teacher feature", "grid", "loss", "weight", "source")]
+    for term in terms:
+        plan = teachers[term.teacher]
+        student_cells = image_size // term.student_stride
+        spec = plan.specs[term.feature]
+        grid_stride = _grid_stride(term)
+        grid = "1x1" if grid_stride == 0 else f"{image_size // grid_stride}x{image_size // grid_stride} (s{grid_stride}, {term.align_to})"
+        teacher_shape = f"{spec.channels}x{spec.height}x{spec.width}" if spec.stride else f"{spec.channels} (global)"
+        rows.append(
+            (
+                f"{term.level} {term.student_channels}x{student_cells}x{student_cells} s{term.student_stride}",
+                f"{term.adapter} {term.student_channels}->{term.teacher_channels}",
+                f"{term.teacher}.{term.feature} {teacher_shape} s{spec.stride}",
+                grid,
+                term.loss_type,
+                f"{term.weight:g}",
+                f"{plan.offline_ratio:.0%} offline",
+            )
+        )
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def _grid_stride(term: TermPlan) -> int:
+    """Stride, in student input pixels, of the grid the pair is compared on."""
+    if term.teacher_stride == 0:
+        return 0
+    return term.teacher_stride if term.align_to == "teacher" else term.student_stride
+
+
+class Distiller(nn.Module):
+    """The trainer's ``loss_fn``: task losses plus every planned distillation term.
+
+    Adapters and parameterised losses live in ``model.distill`` (so they are optimised,
+    saved with the student and moved with it); the teachers are loaded only when a
+    sample needs an online pass, and never reach the optimizer.
+
+    Args:
+        config: the experiment.
+        model: the student (:class:`~vfmkd.models.unified_model.UnifiedModel`); its
+            ``distill`` ModuleDict is filled here, before the optimizer is built.
+        teachers: resolved teachers from :func:`plan_distillation`.
+        terms: resolved terms.
+        task_weights: prefix -> weight for the task losses (``det/`` -> 5.0).
+    """
+
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        model: nn.Module,
+        teachers: dict[str, TeacherPlan],
+        terms: list[TermPlan],
+        task_weights: Mapping[str, float],
+    ) -> None:
+        super().__init__()
+        from vfmkd.models.adapters import build_adapter
+        from vfmkd.registry import LOSSES
+
+        self.config = config
+        self.teacher_plans = teachers
+        self.terms = terms
+        self.task_weights = dict(task_weights)
+        self.image_size = config.data.img_size
+        adapters = nn.ModuleDict()
+        losses = nn.ModuleDict()
+        for term in terms:
+            passthrough = term.adapter in ("none", "identity")
+            adapted_channels = term.student_channels if passthrough else term.teacher_channels
+            adapters[term.module_key] = build_adapter(term.adapter, term.student_channels, adapted_channels)
+            losses[term.module_key] = LOSSES.build(
+                term.loss_type, student_channels=adapted_channels, teacher_channels=term.teacher_channels, **term.params
+            )
+        model.distill = nn.ModuleDict({"adapters": adapters, "losses": losses})
+        self._online: dict[str, Any] = {}
+        self._statistics: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.dropout = config.distillation.teacher_dropout
+
+    # ------------------------------------------------------------------ data side
+    def offline_plans(self) -> list[OfflinePlan]:
+        """What the data loader workers read, per teacher with a store."""
+        plans = []
+        for key, plan in self.teacher_plans.items():
+            if plan.store is None or plan.offline_ratio == 0.0:
+                continue
+            features = tuple(sorted({term.feature for term in self.terms if term.teacher == key}))
+            plans.append(OfflinePlan(key, str(plan.config.feature_path), features, plan.offline_ratio))
+        return plans
+
+    # --------------------------------------------------------------- teacher side
+    def online_teacher(self, key: str, device: torch.device) -> Any:
+        """The teacher for online samples, built (and its weights loaded) on first use."""
+        teacher = self._online.get(key)
+        if teacher is None:
+            from vfmkd.teachers import build_teacher
+
+            plan = self.teacher_plans[key]
+            features = sorted({term.feature for term in self.terms if term.teacher == key})
+            random_init = plan.config.allow_random_init and (
+                plan.config.model_path is None or not Path(plan.config.model_path).is_file()
+            )
+            teacher = build_teacher(
+                plan.registry_name,
+                weights=None if random_init else plan.config.model_path,
+                random_init=random_init,
+                seed=plan.config.random_init_seed,
+                features=features,
+                image_size=plan.config.image_size,
+                device=device,
+            )
+            if plan.store is not None:
+                _check_store_matches(key, plan.store, teacher)
+            # NOTE: kept out of this module's children, so teacher weights never reach the
+            # optimizer or the student's checkpoint.
+            self._online[key] = teacher
+        return teacher
+
+    def _teacher_statistics(self, teacher: str, feature: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (teacher, feature)
+        if key not in self._statistics:
+            plan = self.teacher_plans[teacher]
+            if plan.store is None:
+                raise ConfigError(f"teachers.{teacher}.normalize needs the store's statistics (feature_path)")
+            mean, std = plan.store.stats(feature)
+            self._statistics[key] = (
+                torch.as_tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1),
+                torch.as_tensor(std, dtype=torch.float32, device=device).clamp(min=1e-6).view(1, -1, 1, 1),
+            )
+        return self._statistics[key]
+
+    def teacher_targets(self, batch: dict[str, Any], device: torch.device) -> dict[tuple[str, str, int], tuple[torch.Tensor, torch.Tensor]]:
+        """Every (teacher, feature, grid stride) map the terms need, for the whole batch.
+
+        Returns:
+            key -> (``[B, C, Hg, Wg]`` float32 teacher maps in the student frame,
+            ``[B, 1, Hg, Wg]`` bool valid mask).
+        """
+        images = batch["images"]
+        batch_size, _, height, width = images.shape
+        needed: dict[str, set[tuple[str, int]]] = {}
+        for term in self.terms:
+            needed.setdefault(term.teacher, set()).add((term.feature, _grid_stride(term)))
+        offline = batch.get(OFFLINE_KEY, {})
+        targets = {}
+        for teacher, requests in needed.items():
+            spec_of = self.teacher_plans[teacher].specs
+            record = offline.get(teacher)
+            offline_rows = record["samples"].to(device) if record is not None else torch.zeros(0, dtype=torch.int64, device=device)
+            online_mask = torch.ones(batch_size, dtype=torch.bool, device=device)
+            online_mask[offline_rows] = False
+            online_rows = online_mask.nonzero().flatten()
+            results: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+            for feature, grid_stride in requests:
+                grid = (1, 1) if grid_stride == 0 else (height // grid_stride, width // grid_stride)
+                channels = spec_of[feature].channels
+                maps = torch.zeros((batch_size, channels, *grid), dtype=torch.float32, device=device)
+                valid = torch.zeros((batch_size, 1, *grid), dtype=torch.bool, device=device)
+                if len(offline_rows):
+                    rows, warped, warped_valid = offline_features(
+                        record, feature, spec_of[feature].stride, grid, grid_stride, batch_size, device
+                    )
+                    maps[rows], valid[rows] = warped, warped_valid
+                results[(feature, grid_stride)] = (maps, valid)
+            if len(online_rows):
+                teacher_model = self.online_teacher(teacher, device)
+                requests_list = [
+                    (feature, (1, 1) if stride == 0 else (height // stride, width // stride), stride)
+                    for feature, stride in requests
+                ]
+                computed = online_features(
+                    teacher_model,
+                    images[online_rows],
+                    [batch["frames"][row] for row in online_rows.tolist()],
+                    requests_list,
+                )
+                for (feature, grid, stride), (maps, valid) in computed.items():
+                    results[(feature, stride)][0][online_rows] = maps
+                    results[(feature, stride)][1][online_rows] = valid
+            for (feature, stride), (maps, valid) in results.items():
+                if self.teacher_plans[teacher].config.normalize:
+                    mean, std = self._teacher_statistics(teacher, feature, device)
+                    maps = (maps - mean) / std
+                targets[(teacher, feature, stride)] = (maps, valid)
+        return targets
+
+    # ---------------------------------------------------------------- the loss fn
+    def forward(self, model: nn.Module, outputs: dict[str, Any], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Task losses (weighted) and one term per planned pair."""
+        losses: dict[str, torch.Tensor] = {}
+        if batch.get("targets") is not None and any(name != "features" for name in outputs):
+            for name, value in model.loss(outputs, batch["targets"]).items():
+                weight = next((w for prefix, w in self.task_weights.items() if name.startswith(prefix)), 1.0)
+                losses[name] = value * weight if weight != 1.0 else value
+        device = batch["images"].device
+        with torch.no_grad():
+            targets = self.teacher_targets(batch, device)
+        dropped = self._dropped_teachers()
+        features = outputs["features"]
+        adapters = model.distill["adapters"]
+        loss_modules = model.distill["losses"]
+        for term in self.terms:
+            student = adapters[term.module_key](features[term.level]).float()
+            grid_stride = _grid_stride(term)
+            teacher_maps, valid = targets[(term.teacher, term.feature, grid_stride)]
+            if grid_stride == 0:
+                student = student.mean(dim=(2, 3), keepdim=True)
+            elif student.shape[-2:] != teacher_maps.shape[-2:]:
+                student = nn.functional.interpolate(student, size=teacher_maps.shape[-2:], mode="bilinear", align_corners=False)
+            value = loss_modules[term.module_key](student, teacher_maps, valid, self._loss_targets(batch, grid_stride))
+            if term.teacher in dropped:
+                value = value * 0.0
+            losses[term.name] = value * term.weight
+        return losses
+
+    @staticmethod
+    def _loss_targets(batch: dict[str, Any], grid_stride: int) -> dict[str, Any] | None:
+        targets = batch.get("targets")
+        if targets is None:
+            return None
+        return {**targets, "stride": max(grid_stride, 1)}
+
+    def _dropped_teachers(self) -> set[str]:
+        if not self.training or self.dropout == 0.0 or len(self.teacher_plans) < 2:
+            return set()
+        # NOTE: python's random is seeded by the trainer; at least one teacher stays.
+        dropped = {key for key in self.teacher_plans if random.random() < self.dropout}
+        return dropped if len(dropped) < len(self.teacher_plans) else set()
+
+
+def _check_store_matches(key: str, store: Any, teacher: Any) -> None:
+    """A store made with other weights, preprocessing or specs is refused, field by field."""
+    from vfmkd.features.store import FeatureStore
+
+    FeatureStore.check_expected(store, teacher.fingerprint_fields(), where=f"teachers.{key}")
+
+
+def build_distiller(config: ExperimentConfig, model: nn.Module) -> Distiller | None:
+    """The distiller for ``config``, or None when it has no distillation term.
+
+    Prints the alignment table (through logging) and attaches adapters to ``model``.
+    """
+    if not any(name not in TASK_TERMS for name in config.distillation.losses):
+        return None
+    teachers, terms = plan_distillation(config, model.feature_dims, model.strides)
+    if not terms:
+        logger.warning("distillation: every configured teacher is disabled; training the task losses only")
+        return None
+    task_weights = {
+        prefix: config.distillation.losses[task].weight
+        for task, prefix in TASK_TERMS.items()
+        if task in config.distillation.losses
+    }
+    distiller = Distiller(config, model, teachers, terms, task_weights)
+    logger.info("distillation alignment:\n%s", alignment_table(terms, teachers, config.data.img_size))
+    return distiller

@@ -1,0 +1,231 @@
+"""Where a training sample's teacher features come from: the store (offline) or the teacher (online).
+
+Per teacher and per sample, a draw decides offline or online (``offline_ratio``; the draw
+is made in the data loader worker from the sample's own seed, so it is reproducible and
+resumable). Offline samples read their cached maps in the worker
+(:class:`DistillationDataset`), one record per source image (a mosaic has up to four),
+together with the frame each record was computed in; on the device the maps are warped
+into the student's frame (:func:`offline_features`). Online samples run the teacher on
+the augmented image itself (:func:`online_features`). A sample missing from the store is
+computed online.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from vfmkd.geometry import Frame, merge_tiles, warp_features_batch
+
+OFFLINE_KEY = "teacher_offline"
+
+
+@dataclass(frozen=True)
+class OfflinePlan:
+    """What the worker reads for one teacher.
+
+    Attributes:
+        teacher: the teacher's key in the config.
+        store_path: the feature store's folder.
+        features: feature names to read.
+        offline_ratio: probability that a sample is served from the store.
+    """
+
+    teacher: str
+    store_path: str
+    features: tuple[str, ...]
+    offline_ratio: float
+
+
+class DistillationDataset(Dataset):
+    """Wraps a training data set: adds each offline teacher's cached maps to every sample.
+
+    ``sample["teacher_offline"][teacher]`` is None (online: draw, or a source image missing
+    from the store) or a dict with ``features`` (name -> float16 ``[T, C, H, W]``, one row
+    per source image of the sample) and ``frames`` (T teacher frames). The draw uses
+    python's ``random``, which the trainer seeds per sample and epoch.
+
+    Args:
+        dataset: the training data set (samples with ``source_ids`` and ``frames``).
+        plans: one per teacher with a store.
+    """
+
+    def __init__(self, dataset: Dataset, plans: Sequence[OfflinePlan]) -> None:
+        self.dataset = dataset
+        self.plans = list(plans)
+        self._stores: dict[str, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> Any:
+        # NOTE: the trainer and evaluator reach through to transform, names, set_epoch...
+        if name in ("dataset", "plans", "_stores"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def _store(self, plan: OfflinePlan) -> Any:
+        # Opened lazily in each worker process: memory maps do not cross a fork well.
+        store = self._stores.get(plan.teacher)
+        if store is None:
+            from vfmkd.features.store import FeatureStore
+
+            store = self._stores[plan.teacher] = FeatureStore.open(plan.store_path)
+        return store
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.dataset[index]
+        source_ids = sample.get("source_ids") or [sample["id"]]
+        offline: dict[str, Any] = {}
+        for plan in self.plans:
+            # NOTE: drawn for every plan, in order, whatever the outcome, so each teacher's
+            # draw does not depend on the others' store contents.
+            use_store = random.random() < plan.offline_ratio
+            store = self._store(plan)
+            if not use_store or any(source_id not in store for source_id in source_ids):
+                offline[plan.teacher] = None
+                continue
+            records = [store.read(source_id) for source_id in source_ids]
+            offline[plan.teacher] = {
+                "features": {
+                    name: torch.from_numpy(np.stack([record[name] for record in records])).to(torch.float16)
+                    if store.specs[name].stride
+                    else torch.from_numpy(np.stack([record[name] for record in records]))
+                    for name in plan.features
+                },
+                "frames": [store.frame(source_id) for source_id in source_ids],
+            }
+        sample[OFFLINE_KEY] = offline
+        return sample
+
+
+def collate_with_teacher_features(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """:func:`~vfmkd.datasets.collate.collate_samples` plus the offline teacher records.
+
+    Adds ``teacher_offline``: teacher -> dict with ``samples`` (int64 ``[B_off]``, the batch
+    rows served offline), ``tile_sample`` (int64 ``[T]``, row of each record), ``features``
+    (name -> ``[T, C, H, W]``), ``teacher_frames`` and ``student_frames`` (T frames each).
+    """
+    from vfmkd.datasets.collate import collate_samples
+
+    batch = collate_samples(samples)
+    teachers = sorted({name for sample in samples for name in sample.get(OFFLINE_KEY, {})})
+    gathered: dict[str, Any] = {}
+    for teacher in teachers:
+        rows, tile_rows, teacher_frames, student_frames = [], [], [], []
+        features: dict[str, list[torch.Tensor]] = {}
+        for row, sample in enumerate(samples):
+            record = sample[OFFLINE_KEY].get(teacher)
+            if record is None:
+                continue
+            rows.append(row)
+            count = len(record["frames"])
+            tile_rows += [row] * count
+            teacher_frames += record["frames"]
+            student_frames += list(sample["frames"][:count])
+            for name, maps in record["features"].items():
+                features.setdefault(name, []).append(maps)
+        gathered[teacher] = {
+            "samples": torch.tensor(rows, dtype=torch.int64),
+            "tile_sample": torch.tensor(tile_rows, dtype=torch.int64),
+            "features": {name: torch.cat(maps) for name, maps in features.items()},
+            "teacher_frames": teacher_frames,
+            "student_frames": student_frames,
+        }
+    batch[OFFLINE_KEY] = gathered
+    return batch
+
+
+def offline_features(
+    record: dict[str, Any],
+    feature: str,
+    teacher_stride: int,
+    grid: tuple[int, int],
+    grid_stride: float,
+    batch_size: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Warp one teacher's cached maps into the student's frame, on the student's grid.
+
+    Each record (a source image of a sample) is warped through its own frames (teacher
+    frame -> original image -> student frame) and records of one sample (mosaic tiles) are
+    merged; global vectors (stride 0) are averaged over the sample's records.
+
+    Returns:
+        rows: int64 ``[B_off]`` batch rows served offline.
+        maps: ``[B_off, C, Hg, Wg]`` float32 (``[B_off, C, 1, 1]`` for global vectors).
+        valid: ``[B_off, 1, Hg, Wg]`` bool.
+    """
+    rows = record["samples"].to(device)
+    maps = record["features"][feature].to(device, non_blocking=True).float()
+    tile_sample = record["tile_sample"].to(device)
+    # Tiles index into the offline rows, not the whole batch.
+    position = torch.full((batch_size,), -1, dtype=torch.int64, device=device)
+    position[rows] = torch.arange(len(rows), device=device)
+    tile_index = position[tile_sample]
+    if teacher_stride == 0:
+        merged = maps.new_zeros((len(rows), *maps.shape[1:]))
+        merged.index_add_(0, tile_index, maps)
+        counts = torch.bincount(tile_index, minlength=len(rows)).clamp(min=1)
+        valid = torch.ones((len(rows), 1, 1, 1), dtype=torch.bool, device=device)
+        return rows, merged / counts.view(-1, 1, 1, 1).to(merged.dtype), valid
+    warped, valid = warp_features_batch(
+        maps, record["teacher_frames"], teacher_stride, record["student_frames"], grid, grid_stride
+    )
+    merged, merged_valid = merge_tiles(warped, valid, tile_index, len(rows))
+    return rows, merged, merged_valid
+
+
+def student_input_region(frames: Sequence[Frame]) -> tuple[float, float, float, float]:
+    """The box around every source image's valid region in a student input (mosaic: the
+    union of the tiles; letterbox: the image without padding)."""
+    regions = np.array([frame.valid for frame in frames], dtype=np.float64)
+    return (
+        float(regions[:, 0].min()),
+        float(regions[:, 1].min()),
+        float(regions[:, 2].max()),
+        float(regions[:, 3].max()),
+    )
+
+
+def online_features(
+    teacher: Any,
+    images: torch.Tensor,
+    frames: Sequence[Sequence[Frame]],
+    feature_requests: Sequence[tuple[str, tuple[int, int], float]],
+) -> dict[tuple[str, tuple[int, int], float], tuple[torch.Tensor, torch.Tensor]]:
+    """Run ``teacher`` on augmented student inputs and put its maps on student grids.
+
+    Args:
+        teacher: a :class:`~vfmkd.teachers.base.BaseTeacher` on the images' device.
+        images: ``[B, 3, H, W]`` float student inputs in ``[0, 1]``.
+        frames: per image, its frames (for the valid region).
+        feature_requests: ``(feature, grid (Hg, Wg), grid stride)`` triples.
+
+    Returns:
+        request -> (``[B, C, Hg, Wg]`` float32 maps, ``[B, 1, Hg, Wg]`` bool valid).
+    """
+    height, width = images.shape[-2:]
+    pixels, teacher_frames = teacher.preprocess_tensor(images)
+    features = teacher.extract(pixels)
+    # Online maps live in "student input -> teacher input" frames; the student side is
+    # the identity on the student input, valid where image content is.
+    student_frames = [
+        Frame.identity(height, width).then(np.eye(2, 3), (height, width), valid=student_input_region(sample_frames))
+        for sample_frames in frames
+    ]
+    out = {}
+    for request in feature_requests:
+        name, grid, grid_stride = request
+        maps = features[name].float()
+        stride = teacher.feature_specs[name].stride
+        if stride == 0:
+            out[request] = (maps, torch.ones((len(maps), 1, 1, 1), dtype=torch.bool, device=maps.device))
+            continue
+        out[request] = warp_features_batch(maps, teacher_frames, stride, student_frames, grid, grid_stride)
+    return out
