@@ -4,6 +4,9 @@ Sub-commands::
 
     vfmkd data synth OUT [--train N] [--val M] [--seed S]
     vfmkd data check DATA
+    vfmkd weights list | download NAME [--dir weights] [--url URL]
+    vfmkd features extract --teacher NAME (--weights PATH | --random-init) --data DATA --out DIR
+    vfmkd features info DIR | verify DIR [--num N]
     vfmkd train --config CFG [--set key=value ...] [--resume]
     vfmkd eval --config CFG --checkpoint CKPT [--set key=value ...]
     vfmkd demo [--out DIR]
@@ -216,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--set", action="append", metavar="KEY=VALUE")
     evaluate.set_defaults(handler=_cmd_eval)
 
+    from vfmkd.features.cli import add_features_commands
+    from vfmkd.teachers.cli import add_weights_commands
+
+    add_weights_commands(commands)
+    add_features_commands(commands)
+
     demo = commands.add_parser("demo", help="the whole flow on the built-in data set")
     demo.add_argument("--config", default=DEMO_CONFIG)
     demo.add_argument("--out", default=None, help="output folder for runs (default: runs)")
@@ -241,6 +250,13 @@ def run_with_user_errors(action: Callable[[], int]) -> int:
     from vfmkd.config import ConfigError
 
     user_errors: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError)
+    try:
+        from vfmkd.features.store import FeatureStoreError
+        from vfmkd.teachers.weights import UnsafeCheckpointError, WeightsDownloadError
+
+        user_errors += (FeatureStoreError, UnsafeCheckpointError, WeightsDownloadError)
+    except ImportError:
+        pass
     try:
         from vfmkd.datasets import DatasetError
 

@@ -48,7 +48,7 @@ class CovariantTeacher(BaseTeacher):
                 "pixel_mean": [0.5, 0.5, 0.5], "pixel_std": [0.5, 0.5, 0.5]}
 
     def preprocess_image(self, image: np.ndarray) -> tuple[torch.Tensor, Frame]:
-        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255
+        tensor = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)[None].float() / 255
         pixels, frames = self.preprocess_tensor(tensor)
         return pixels[0], frames[0]
 

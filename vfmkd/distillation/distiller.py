@@ -42,7 +42,7 @@ class TeacherPlan:
     specs: dict[str, FeatureSpec]
     offline_ratio: float
     store: Any = None
-    fingerprint_fields: dict[str, Any] | None = None
+    teacher: Any = None
 
 
 @dataclass
@@ -87,15 +87,59 @@ def _merged_teacher_config(key: str, teacher: TeacherConfig) -> TeacherConfig:
         raise ConfigError(f"{path} (teachers.{key}.config): {error}") from None
 
 
-def declared_teacher_specs(registry_name: str, image_size: int | None, features: list[str] | None) -> dict[str, FeatureSpec]:
-    """A teacher's feature specs without loading weights (built on the meta device)."""
-    from vfmkd.registry import TEACHERS
-    import vfmkd.teachers  # noqa: F401  (registers the teachers)
+def build_configured_teacher(key: str, plan_config: TeacherConfig, registry_name: str, features: list[str] | None, device: torch.device | str = "cpu") -> Any:
+    """The teacher of a config entry: its weights, or seeded random ones when allowed.
 
-    factory = TEACHERS.get(registry_name)
-    with torch.device("meta"):
-        teacher = factory(checkpoint=None, features=features, image_size=image_size)
-    return dict(teacher.feature_specs)
+    ``allow_random_init: true`` uses random weights only when ``model_path`` is not a file.
+    """
+    from vfmkd.teachers import build_teacher
+
+    weights = plan_config.model_path
+    random_init = plan_config.allow_random_init and (weights is None or not Path(weights).is_file())
+    try:
+        return build_teacher(
+            registry_name,
+            weights=None if random_init else weights,
+            random_init=random_init,
+            seed=plan_config.random_init_seed,
+            features=features,
+            image_size=plan_config.image_size,
+            device=device,
+        )
+    except FileNotFoundError as error:
+        raise ConfigError(f"teachers.{key}: {error} (or set allow_random_init: true for a smoke run)") from None
+
+
+def expected_store_fields(key: str, teacher: TeacherConfig, registry_name: str) -> dict[str, Any]:
+    """What a store must hold for this teacher entry, known without loading the teacher.
+
+    The teacher's name, the input size when configured, and the weights: real ones
+    (their SHA-256) when ``model_path`` is a file, and no random weights unless
+    ``allow_random_init`` is set.
+    """
+    from vfmkd.teachers import canonical_teacher_name
+    from vfmkd.teachers.weights import file_sha256
+
+    expected: dict[str, Any] = {"teacher": canonical_teacher_name(registry_name)}
+    if teacher.image_size is not None:
+        expected["preprocessing"] = {"image_size": teacher.image_size}
+    weights_file = Path(teacher.model_path) if teacher.model_path else None
+    if weights_file is not None and weights_file.is_file():
+        expected["random_init"] = False
+        expected["weights_sha256"] = _cached_sha256(weights_file, file_sha256)
+    elif not teacher.allow_random_init:
+        expected["random_init"] = False
+    return expected
+
+
+def _cached_sha256(path: Path, compute: Any) -> str:
+    # NOTE: downloads write `<file>.sha256`; trust it when it is newer than the file.
+    sidecar = path.with_name(path.name + ".sha256")
+    if sidecar.is_file() and sidecar.stat().st_mtime >= path.stat().st_mtime:
+        text = sidecar.read_text().split()
+        if text and len(text[0]) == 64:
+            return text[0]
+    return compute(path)
 
 
 def plan_distillation(config: ExperimentConfig, student_dims: Mapping[str, int], student_strides: Mapping[str, int]) -> tuple[dict[str, TeacherPlan], list[TermPlan]]:
@@ -127,6 +171,7 @@ def plan_distillation(config: ExperimentConfig, student_dims: Mapping[str, int],
         else:
             ratio = 0.0
         store = None
+        prebuilt = None
         specs: dict[str, FeatureSpec]
         if ratio > 0.0:
             if not teacher.feature_path:
@@ -134,10 +179,18 @@ def plan_distillation(config: ExperimentConfig, student_dims: Mapping[str, int],
                     f"teachers.{key}: offline distillation needs 'feature_path' (a feature store made with "
                     f"`vfmkd features extract --teacher {registry_name} ...`), or set 'offline: false'"
                 )
-            from vfmkd.features.store import FeatureStore
+            from vfmkd.features.store import FeatureStore, StoreMismatchError
 
             try:
-                store = FeatureStore.open(teacher.feature_path)
+                store = FeatureStore.open(
+                    teacher.feature_path, expect=expected_store_fields(key, teacher, registry_name)
+                )
+            except StoreMismatchError as error:
+                raise ConfigError(
+                    f"teachers.{key}.feature_path: the store at '{teacher.feature_path}' was made with another "
+                    "teacher set-up:\n  " + "\n  ".join(error.differences)
+                    + "\nre-extract it for this config, or point feature_path elsewhere"
+                ) from None
             except FileNotFoundError:
                 raise ConfigError(
                     f"teachers.{key}.feature_path: no feature store at '{teacher.feature_path}'; make it with "
@@ -146,8 +199,10 @@ def plan_distillation(config: ExperimentConfig, student_dims: Mapping[str, int],
                 ) from None
             specs = dict(store.specs)
         else:
-            specs = declared_teacher_specs(registry_name, teacher.image_size, teacher.features)
-        teachers[key] = TeacherPlan(key, registry_name, teacher, specs, ratio, store)
+            # Every sample is online: the teacher is needed anyway, and declares its specs.
+            prebuilt = build_configured_teacher(key, teacher, registry_name, teacher.features)
+            specs = dict(prebuilt.feature_specs)
+        teachers[key] = TeacherPlan(key, registry_name, teacher, specs, ratio, store, prebuilt)
 
     terms: list[TermPlan] = []
     for entry_name, entry in losses.items():
@@ -311,27 +366,18 @@ class Distiller(nn.Module):
         """The teacher for online samples, built (and its weights loaded) on first use."""
         teacher = self._online.get(key)
         if teacher is None:
-            from vfmkd.teachers import build_teacher
-
             plan = self.teacher_plans[key]
             features = sorted({term.feature for term in self.terms if term.teacher == key})
-            random_init = plan.config.allow_random_init and (
-                plan.config.model_path is None or not Path(plan.config.model_path).is_file()
-            )
-            teacher = build_teacher(
-                plan.registry_name,
-                weights=None if random_init else plan.config.model_path,
-                random_init=random_init,
-                seed=plan.config.random_init_seed,
-                features=features,
-                image_size=plan.config.image_size,
-                device=device,
-            )
+            teacher = plan.teacher
+            if teacher is None:
+                teacher = build_configured_teacher(key, plan.config, plan.registry_name, features)
+            teacher = teacher.to(device)
             if plan.store is not None:
                 _check_store_matches(key, plan.store, teacher)
             # NOTE: kept out of this module's children, so teacher weights never reach the
             # optimizer or the student's checkpoint.
             self._online[key] = teacher
+            plan.teacher = None
         return teacher
 
     def _teacher_statistics(self, teacher: str, feature: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -447,10 +493,19 @@ class Distiller(nn.Module):
 
 
 def _check_store_matches(key: str, store: Any, teacher: Any) -> None:
-    """A store made with other weights, preprocessing or specs is refused, field by field."""
-    from vfmkd.features.store import FeatureStore
+    """A store made with other weights, preprocessing or specs than the live teacher is refused."""
+    from vfmkd.features.store import describe_differences
 
-    FeatureStore.check_expected(store, teacher.fingerprint_fields(), where=f"teachers.{key}")
+    stored = store.fingerprint_fields
+    asked = teacher.fingerprint_fields()
+    # NOTE: the live teacher may serve a subset of the stored features.
+    asked["features"] = {name: spec for name, spec in asked["features"].items() if name in stored.get("features", {})}
+    differences = describe_differences(stored, asked, both_ways=False)
+    if differences:
+        raise ConfigError(
+            f"teachers.{key}: the live teacher differs from the one that made the store at "
+            f"'{store.path}':\n  " + "\n  ".join(differences)
+        )
 
 
 def build_distiller(config: ExperimentConfig, model: nn.Module) -> Distiller | None:

@@ -1,0 +1,109 @@
+"""Distillation in the training loop: planning, alignment, offline/online mix, gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.helpers.covariant_teacher import CovariantTeacher  # noqa: F401  (registers covariant_probe)
+from vfmkd.config import ConfigError, validate_config
+from vfmkd.core.trainer import Trainer
+from vfmkd.datasets import build_dataset
+from vfmkd.datasets.synthetic import generate_synthetic_dataset
+from vfmkd.features.extract import extract_features
+from vfmkd.teachers import build_teacher
+
+
+@pytest.fixture(scope="module")
+def probe_store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distill")
+    data_yaml = generate_synthetic_dataset(root / "shapes", num_train=6, num_val=2, seed=4)
+    teacher = build_teacher("covariant_probe", random_init=True, image_size=128)
+    dataset = build_dataset({"dataset": str(data_yaml), "img_size": 64}, "train", train=False)
+    extract_features(teacher, dataset, root / "store", batch_size=4, num_workers=0, progress=False, split="train")
+    return root, data_yaml
+
+
+def _config(root, data_yaml, **distillation):
+    return validate_config(
+        {
+            "experiment_name": "distill",
+            "model": {"backbone": {"type": "yolov8", "scale": "n"},
+                      "heads": {"detection": {"type": "yolo_head", "num_classes": 6}}},
+            "teachers": {"probe": {"name": "covariant_probe", "feature_path": str(root / "store"),
+                                   "allow_random_init": True, "image_size": 128}},
+            "distillation": {"offline_ratio": 0.5,
+                             "losses": {"probe_p4": {"type": "cos_l1", "teacher": "probe", "student": "p4"},
+                                        "feature_mse": {"teacher": "probe", "student": ["p3", "p5"],
+                                                        "align_to": "student", "adapter": "mlp"},
+                                        "detection": {"weight": 2.0}},
+                             **distillation},
+            "data": {"dataset": str(data_yaml), "img_size": 64, "batch_size": 3, "num_workers": 0},
+            "train": {"max_steps": 2, "output_dir": str(root / "runs"), "eval_interval": 100, "log_interval": 1},
+        }
+    )
+
+
+def test_hybrid_distillation_trains_and_logs_every_term(probe_store, caplog):
+    root, data_yaml = probe_store
+    seen: list[dict] = []
+
+    class Recording(Trainer):
+        def after_step(self) -> None:
+            teacher = self.loss_fn._online.get("probe")
+            seen.append({"teacher_grads": teacher is not None and any(p.requires_grad for p in teacher.parameters())})
+
+    caplog.set_level("INFO")
+    trainer = Recording(_config(root, data_yaml))
+    assert "distillation alignment" in caplog.text and "p4" in caplog.text and "cos_l1" in caplog.text
+    optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    adapters = list(trainer.model.distill["adapters"].parameters())
+    assert adapters and all(id(p) in optimised for p in adapters)
+    result = trainer.train()
+    assert result["step"] == 2 and not any(entry["teacher_grads"] for entry in seen)
+    teacher = trainer.loss_fn._online.get("probe")
+    if teacher is not None:
+        assert all(id(p) not in optimised for p in teacher.parameters())
+    lines = (root / "runs/distill/metrics.jsonl").read_text()
+    for name in ("distill/probe/embed<-p4", "distill/probe/embed<-p3", "distill/probe/embed<-p5", "det/box"):
+        assert name in lines
+    state = torch.load(result["last"], weights_only=True)["model"]
+    assert any(key.startswith("distill.adapters.") for key in state)
+    # the student and its adapters only: no teacher weights in the checkpoint
+    assert set(state) == set(trainer.model.state_dict())
+    assert not any("covariant" in key or "_online" in key for key in state)
+
+
+def test_impossible_pairing_fails_before_training(probe_store):
+    root, data_yaml = probe_store
+    config = _config(root, data_yaml)
+    config.distillation.losses["probe_p4"].student = "p9"
+    with pytest.raises(ConfigError, match=r"distillation\.losses\.probe_p4\.student.*p9"):
+        Trainer(config)
+    config = _config(root, data_yaml)
+    config.distillation.losses["probe_p4"].adapter = "none"
+    with pytest.raises(ConfigError, match=r"adapter.*equal channels"):
+        Trainer(config)
+
+
+def test_store_of_another_setup_is_refused(probe_store):
+    root, data_yaml = probe_store
+    config = _config(root, data_yaml)
+    config.teachers["probe"].image_size = 256
+    with pytest.raises(ConfigError, match=r"preprocessing\.image_size: store 128, asked 256"):
+        Trainer(config)
+    config = _config(root, data_yaml)
+    config.teachers["probe"].allow_random_init = False
+    with pytest.raises(ConfigError, match=r"random_init: store true, asked false"):
+        Trainer(config)
+
+
+def test_all_offline_never_loads_the_teacher(probe_store, monkeypatch):
+    root, data_yaml = probe_store
+    import vfmkd.distillation.distiller as distiller_module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the teacher was built although every sample is offline")
+
+    monkeypatch.setattr(distiller_module, "build_configured_teacher", refuse)
+    Trainer(_config(root, data_yaml, offline_ratio=1.0)).train()
