@@ -222,7 +222,9 @@ def online_features(
     out = {}
     for request in feature_requests:
         name, grid, grid_stride = request
-        maps = features[name].float()
+        # NOTE: clone() turns the teacher's inference-mode tensors into ordinary ones
+        # that a loss may save for backward.
+        maps = features[name].float().clone()
         stride = teacher.feature_specs[name].stride
         if stride == 0:
             out[request] = (maps, torch.ones((len(maps), 1, 1, 1), dtype=torch.bool, device=maps.device))
