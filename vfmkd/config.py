@@ -71,7 +71,8 @@ class TeacherConfig(_Strict):
     ``sam2.1_hiera_b+``). ``offline: false`` runs the teacher live on every sample;
     otherwise ``offline_ratio`` (default ``distillation.offline_ratio``) of the samples read
     the store at ``feature_path``. ``config`` names a YAML file of these keys (the entry's
-    own keys win).
+    own keys win). ``val_feature_path`` (a store of the validation split) lets the
+    feature-fidelity evaluation of an all-offline teacher run without loading it.
     """
 
     name: str | None = None
@@ -79,6 +80,7 @@ class TeacherConfig(_Strict):
     offline: bool = True
     model_path: str | None = None
     feature_path: str | None = None
+    val_feature_path: str | None = None
     features: list[str] | None = None
     image_size: int | None = Field(default=None, ge=32)
     offline_ratio: float | None = Field(default=None, ge=0.0, le=1.0)

@@ -65,7 +65,8 @@ def test_hybrid_distillation_trains_and_logs_every_term(probe_store, caplog):
     if teacher is not None:
         assert all(id(p) not in optimised for p in teacher.parameters())
     lines = (root / "runs/distill/metrics.jsonl").read_text()
-    for name in ("distill/probe/embed<-p4", "distill/probe/embed<-p3", "distill/probe/embed<-p5", "det/box"):
+    for name in ("distill/probe/embed<-p4", "distill/probe/embed<-p3", "distill/probe/embed<-p5", "det/box",
+                 "fidelity/probe/embed<-p4/cosine", "fidelity/probe/embed<-p5/nmse"):
         assert name in lines
     state = torch.load(result["last"], weights_only=True)["model"]
     assert any(key.startswith("distill.adapters.") for key in state)

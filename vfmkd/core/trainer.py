@@ -775,6 +775,7 @@ class Trainer:
                 collate_fn=self.collate_fn,
             )
             metrics["fitness"] = fitness(metrics)
+            metrics.update(self._feature_fidelity())
             if self.metric_logger is not None:
                 self.metric_logger.log(metrics, step=self.step, kind="eval", epoch=self.epoch)
             logger.info(
@@ -786,6 +787,25 @@ class Trainer:
                 time.perf_counter() - started,
             )
         distributed.barrier()
+        return metrics
+
+    def _feature_fidelity(self) -> dict[str, float]:
+        """Cosine and normalised MSE of each distillation pair on the validation set."""
+        from vfmkd.distillation.distiller import Distiller
+        from vfmkd.distillation.fidelity import feature_fidelity
+
+        if not isinstance(self.loss_fn, Distiller):
+            return {}
+        metrics = feature_fidelity(
+            self.ema.module if self.ema is not None else self.model,
+            self.loss_fn,
+            self.val_dataset,
+            batch_size=self.config.eval.batch_size or self.batch_size,
+            num_workers=self.num_workers,
+            device=self.device,
+        )
+        for name, value in metrics.items():
+            logger.info("%s %.4f", name, value)
         return metrics
 
     def _end_of_period(self, *, evaluate: bool, save: bool) -> None:

@@ -393,8 +393,15 @@ class Distiller(nn.Module):
             )
         return self._statistics[key]
 
-    def teacher_targets(self, batch: dict[str, Any], device: torch.device) -> dict[tuple[str, str, int], tuple[torch.Tensor, torch.Tensor]]:
+    def teacher_targets(
+        self, batch: dict[str, Any], device: torch.device, teachers: set[str] | None = None
+    ) -> dict[tuple[str, str, int], tuple[torch.Tensor, torch.Tensor]]:
         """Every (teacher, feature, grid stride) map the terms need, for the whole batch.
+
+        Args:
+            batch: the collated batch (float images on ``device``, offline records).
+            device: where the maps go.
+            teachers: only these teachers (default: all).
 
         Returns:
             key -> (``[B, C, Hg, Wg]`` float32 teacher maps in the student frame,
@@ -404,7 +411,8 @@ class Distiller(nn.Module):
         batch_size, _, height, width = images.shape
         needed: dict[str, set[tuple[str, int]]] = {}
         for term in self.terms:
-            needed.setdefault(term.teacher, set()).add((term.feature, _grid_stride(term)))
+            if teachers is None or term.teacher in teachers:
+                needed.setdefault(term.teacher, set()).add((term.feature, _grid_stride(term)))
         offline = batch.get(OFFLINE_KEY, {})
         targets = {}
         for teacher, requests in needed.items():
@@ -460,22 +468,36 @@ class Distiller(nn.Module):
         with torch.no_grad():
             targets = self.teacher_targets(batch, device)
         dropped = self._dropped_teachers()
-        features = outputs["features"]
-        adapters = model.distill["adapters"]
         loss_modules = model.distill["losses"]
         for term in self.terms:
-            student = adapters[term.module_key](features[term.level]).float()
-            grid_stride = _grid_stride(term)
-            teacher_maps, valid = targets[(term.teacher, term.feature, grid_stride)]
-            if grid_stride == 0:
-                student = student.mean(dim=(2, 3), keepdim=True)
-            elif student.shape[-2:] != teacher_maps.shape[-2:]:
-                student = nn.functional.interpolate(student, size=teacher_maps.shape[-2:], mode="bilinear", align_corners=False)
-            value = loss_modules[term.module_key](student, teacher_maps, valid, self._loss_targets(batch, grid_stride))
+            student, teacher_maps, valid = self.aligned_pair(model, term, outputs["features"], targets)
+            loss_targets = self._loss_targets(batch, _grid_stride(term))
+            value = loss_modules[term.module_key](student, teacher_maps, valid, loss_targets)
             if term.teacher in dropped:
                 value = value * 0.0
             losses[term.name] = value * term.weight
         return losses
+
+    @staticmethod
+    def aligned_pair(
+        model: nn.Module,
+        term: TermPlan,
+        features: Mapping[str, torch.Tensor],
+        targets: Mapping[tuple[str, str, int], tuple[torch.Tensor, torch.Tensor]],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The adapted student map and the teacher map of one term, on one grid.
+
+        Returns:
+            student ``[B, Ct, Hg, Wg]`` float32, teacher ``[B, Ct, Hg, Wg]``, valid
+            ``[B, 1, Hg, Wg]`` bool (global vectors: ``Hg = Wg = 1``, the student pooled).
+        """
+        student = model.distill["adapters"][term.module_key](features[term.level]).float()
+        teacher_maps, valid = targets[(term.teacher, term.feature, _grid_stride(term))]
+        if term.teacher_stride == 0:
+            student = student.mean(dim=(2, 3), keepdim=True)
+        elif student.shape[-2:] != teacher_maps.shape[-2:]:
+            student = nn.functional.interpolate(student, size=teacher_maps.shape[-2:], mode="bilinear", align_corners=False)
+        return student, teacher_maps, valid
 
     @staticmethod
     def _loss_targets(batch: dict[str, Any], grid_stride: int) -> dict[str, Any] | None:

@@ -83,9 +83,10 @@ class DistillationDataset(Dataset):
         source_ids = sample.get("source_ids") or [sample["id"]]
         offline: dict[str, Any] = {}
         for plan in self.plans:
-            # NOTE: drawn for every plan, in order, whatever the outcome, so each teacher's
-            # draw does not depend on the others' store contents.
-            use_store = random.random() < plan.offline_ratio
+            # NOTE: drawn for every mixed plan, in order, whatever the outcome, so each
+            # teacher's draw does not depend on the others' store contents; a plan that is
+            # all offline draws nothing (evaluation must not move the training generators).
+            use_store = plan.offline_ratio >= 1.0 or (plan.offline_ratio > 0.0 and random.random() < plan.offline_ratio)
             store = self._store(plan)
             if not use_store or any(source_id not in store for source_id in source_ids):
                 offline[plan.teacher] = None

@@ -1,0 +1,413 @@
+"""The ``vfmkd features`` commands.
+
+::
+
+    vfmkd features extract --teacher NAME (--weights PATH | --random-init) --data DATA --out DIR
+        [--split train] [--dtype float16|bfloat16|float32|int8] [--features embed,...]
+        [--image-size N] [--batch-size B] [--limit N] [--num-workers N] [--device auto]
+        [--seed S] [--shard-size N] [--verify-existing] [--no-progress]
+    vfmkd features info DIR
+    vfmkd features verify DIR [--num N] [--weights PATH] [--device auto]
+
+``extract`` resumes when DIR exists (re-run the same command after an interruption);
+under ``torchrun`` every rank computes its share. ``--teacher`` also accepts the name of
+a shipped teacher config (``sam2`` -> ``configs/teachers/sam2.yaml``), whose name, weights
+path, features and image size are the defaults. The seed's
+``tools/prepare_teacher_features.py --teacher sam2 --dataset coco128 --output DIR`` takes
+the same options (``--dataset`` = ``--data``, ``--output`` = ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from vfmkd.features.codecs import CODEC_NAMES
+from vfmkd.features.store import FeatureStore, FeatureStoreError, StoreMismatchError, describe_differences
+
+__all__ = [
+    "TeacherSettings",
+    "add_extract_arguments",
+    "add_features_commands",
+    "format_store_info",
+    "load_teacher",
+    "main",
+    "seed_prepare_main",
+    "teacher_settings",
+]
+
+logger = logging.getLogger(__name__)
+
+DATASET_IMAGE_SIZE = 64  # unused by extraction (it reads original images), needed to build the set
+
+
+# --------------------------------------------------------------------------- teachers
+def load_teacher(
+    name: str,
+    *,
+    weights: str | None = None,
+    random_init: bool = False,
+    seed: int = 0,
+    features: Sequence[str] | None = None,
+    image_size: int | None = None,
+    device: str = "cpu",
+) -> Any:
+    """Build a teacher by name (:func:`vfmkd.teachers.build_teacher`)."""
+    from vfmkd.teachers import build_teacher
+
+    return build_teacher(
+        name,
+        weights=weights,
+        random_init=random_init,
+        seed=seed,
+        features=list(features) if features is not None else None,
+        image_size=image_size,
+        device=device,
+    )
+
+
+@dataclass(frozen=True)
+class TeacherSettings:
+    """A teacher as the command line names it, after the shipped config's defaults.
+
+    Attributes:
+        name: registry name.
+        weights: checkpoint path (None: the teacher's default location, or random init).
+        features: feature names (None: all).
+        image_size: input size (None: the teacher's default).
+    """
+
+    name: str
+    weights: str | None
+    features: list[str] | None
+    image_size: int | None
+
+
+def teacher_settings(
+    name: str, *, weights: str | None, random_init: bool, features: Sequence[str] | None, image_size: int | None
+) -> TeacherSettings:
+    """Resolve ``--teacher``: a registry name, or a shipped ``configs/teachers/<name>.yaml``.
+
+    Options given on the command line win over the config's ``model_path`` (used when
+    the file exists), ``features`` and ``image_size``; with ``--random-init`` no weights
+    are used.
+    """
+    from vfmkd.utils.paths import find_project_file
+
+    config: dict[str, Any] = {}
+    if "/" not in name and not name.endswith((".yaml", ".yml")):
+        config_file = find_project_file(f"configs/teachers/{name}.yaml")
+    else:
+        config_file = find_project_file(name)
+    if config_file is not None:
+        import yaml
+
+        config = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
+        logger.info("teacher `%s`: defaults from %s", name, config_file)
+    resolved_weights = weights
+    if weights is None and not random_init and config.get("model_path"):
+        # NOTE: a config's checkpoint that is not there is left to the teacher factory,
+        # whose error gives the expected path and the download command.
+        found = find_project_file(config["model_path"])
+        resolved_weights = str(found) if found is not None else None
+    if resolved_weights is not None:
+        resolved_weights = str(Path(resolved_weights).expanduser().resolve())
+    return TeacherSettings(
+        name=str(config.get("name") or name),
+        weights=resolved_weights,
+        features=list(features) if features is not None else (list(config["features"]) if config.get("features") else None),
+        image_size=image_size if image_size is not None else config.get("image_size"),
+    )
+
+
+# --------------------------------------------------------------------------- arguments
+def add_extract_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of ``features extract`` (also the seed's ``prepare_teacher_features.py``)."""
+    parser.add_argument("--teacher", required=True, help="teacher name (sam2.1_hiera_t, dinov2_vits14, sam2, ...)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--weights", help="official checkpoint file (default: the teacher's usual location)")
+    source.add_argument(
+        "--random-init", action="store_true", help="no weights: the official architecture at random init (tests)"
+    )
+    parser.add_argument(
+        "--data", "--dataset", dest="data", required=True,
+        help="data set: shapes, coco128, a data yaml, a COCO json or an image folder",
+    )
+    parser.add_argument("--split", default="train", help="split (default train)")
+    parser.add_argument("--out", "--output", dest="out", required=True, help="store directory")
+    parser.add_argument("--dtype", default="float16", choices=CODEC_NAMES, help="storage codec (default float16)")
+    parser.add_argument("--features", type=_comma_list, help="features to store, e.g. embed,hires_s8 (default all)")
+    parser.add_argument("--image-size", type=int, help="teacher input size (default: the teacher's)")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per forward (default 8)")
+    parser.add_argument("--limit", type=int, help="only the first N samples of the split")
+    parser.add_argument("--num-workers", type=int, default=2, help="loader processes (default 2)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 (default auto)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of a random-init teacher (default 0)")
+    parser.add_argument("--shard-size", type=int, help="samples per shard (default: about 256 MB)")
+    parser.add_argument(
+        "--verify-existing", action="store_true",
+        help="hash every committed shard before resuming (finds silently damaged shards)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _comma_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def add_features_commands(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``features extract | info | verify`` to a ``vfmkd`` sub-command parser set."""
+    features = subparsers.add_parser("features", help="teacher feature store: extract, info, verify")
+    commands = features.add_subparsers(dest="features_command", required=True)
+    extract = commands.add_parser("extract", help="compute a teacher's features into a store (resumable)")
+    add_extract_arguments(extract).set_defaults(handler=_guarded(_cmd_extract))
+    info = commands.add_parser("info", help="what a store holds")
+    info.add_argument("dir", help="store directory")
+    info.set_defaults(handler=_guarded(_cmd_info))
+    verify = commands.add_parser("verify", help="check checksums and recompute random samples")
+    verify.add_argument("dir", help="store directory")
+    verify.add_argument("--num", type=int, default=8, help="samples to recompute (default 8)")
+    verify.add_argument("--weights", help="checkpoint file (default: the one the store was made with)")
+    verify.add_argument("--device", default="auto")
+    verify.add_argument("--seed", type=int, default=0, help="seed of the sample choice")
+    verify.add_argument("--batch-size", type=int, default=4)
+    verify.add_argument("--min-cosine", type=float, default=0.999, help="pass threshold (default 0.999)")
+    verify.set_defaults(handler=_guarded(_cmd_verify))
+    return features
+
+
+# --------------------------------------------------------------------------- handlers
+def _say(text: str) -> None:
+    # NOTE: command output goes to stdout; library code logs.
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def _build_teacher(settings: TeacherSettings, *, random_init: bool, seed: int, device: str) -> Any:
+    try:
+        return load_teacher(
+            settings.name,
+            weights=settings.weights,
+            random_init=random_init,
+            seed=seed,
+            features=settings.features,
+            image_size=settings.image_size,
+            device=device,
+        )
+    except (KeyError, ValueError) as error:
+        raise FeatureStoreError(f"cannot build teacher `{settings.name}`: {error.args[0] if error.args else error}") from error
+
+
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from vfmkd.core.distributed import cleanup, init_distributed
+    from vfmkd.datasets import build_dataset, resolve_dataset
+    from vfmkd.features.extract import extract_features, resolve_device
+
+    info = init_distributed()
+    if info.rank != 0:
+        # Under torchrun only rank 0 reports progress; the others speak up on problems.
+        logging.getLogger("vfmkd").setLevel(logging.WARNING)
+    try:
+        device = resolve_device(args.device)
+        settings = teacher_settings(
+            args.teacher,
+            weights=args.weights,
+            random_init=args.random_init,
+            features=args.features,
+            image_size=args.image_size,
+        )
+        teacher = _build_teacher(settings, random_init=args.random_init, seed=args.seed, device=str(device))
+        spec = resolve_dataset(args.data)
+        dataset = build_dataset({"dataset": args.data, "img_size": DATASET_IMAGE_SIZE}, args.split, train=False)
+        store = extract_features(
+            teacher,
+            dataset,
+            args.out,
+            dtype=args.dtype,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            limit=args.limit,
+            shard_size=args.shard_size,
+            device=device,
+            progress=not args.no_progress,
+            data_source=args.data,
+            data_resolved=str(spec.source.resolve()),
+            split=args.split,
+            build_args={
+                "teacher": settings.name,
+                "weights": settings.weights,
+                "random_init": bool(args.random_init),
+                "seed": args.seed,
+                "features": settings.features,
+                "image_size": settings.image_size,
+            },
+            verify_existing=args.verify_existing,
+        )
+    finally:
+        cleanup()
+    if info.rank == 0:
+        _say(format_store_info(store))
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    _say(format_store_info(FeatureStore.open(args.dir)))
+    return 0
+
+
+def format_store_info(store: FeatureStore) -> str:
+    """A store's manifest as a readable table."""
+    from vfmkd.features.codecs import get_codec
+
+    manifest = store.manifest
+    requested = manifest.get("requested_samples")
+    samples = f"{len(store)}"
+    if requested is not None:
+        samples += f" of {requested} requested" + ("" if store.is_complete else " (incomplete: re-run the extraction)")
+    random_init = bool(manifest.get("random_init"))
+    codec = get_codec(manifest["codec"])
+    fields = manifest["fingerprint_fields"]
+    lines = [
+        f"store        {store.path}",
+        f"teacher      {manifest['teacher']}",
+        f"fingerprint  {manifest['fingerprint']}",
+        f"weights      {manifest.get('weights_path') or '-'} (sha256 {str(fields.get('weights_sha256', '-'))[:16]})",
+        f"random init  {'YES: features of an untrained teacher, for tests only' if random_init else 'no'}",
+        f"codec        {codec.name}",
+        f"samples      {samples} in {manifest.get('num_shards', '?')} shard(s)",
+        f"data         {manifest.get('data_source')} (split {manifest.get('split')})",
+        f"created      {manifest.get('created')}   updated {manifest.get('updated')}",
+        "",
+    ]
+    header = ("feature", "shape CxHxW", "stride", "bytes/sample", "mean", "std")
+    rows = []
+    total = 0
+    for name, spec in store.specs.items():
+        mean, std = store.stats(name)
+        per_sample = codec.bytes_per_sample(spec.channels, spec.height, spec.width)
+        total += per_sample
+        rows.append(
+            (
+                name,
+                f"{spec.channels}x{spec.height}x{spec.width}",
+                str(spec.stride),
+                f"{per_sample:,}",
+                f"{float(np.mean(mean)) if mean.size else 0.0:.4g}",
+                f"{float(np.mean(std)) if std.size else 0.0:.4g}",
+            )
+        )
+    rows.append(("total", "", "", f"{total:,}", "", ""))
+    widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
+    for row in [header, *rows]:
+        lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    lines.append("(mean: mean of the channel means; std: mean of the channel stds)")
+    return "\n".join(lines)
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from vfmkd.datasets import build_dataset
+    from vfmkd.features.extract import resolve_device, verify_against_teacher
+    from vfmkd.features.store import StoreCorruptError
+
+    try:
+        store = FeatureStore.open(args.dir, verify=True)
+    except StoreCorruptError as error:
+        _say(f"checksums: FAILED\n{error}")
+        return 1
+    _say(f"checksums: every file of the {store.num_shards} shard(s) in {args.dir} matches its record")
+    build = dict(store.manifest.get("build_args") or {})
+    settings = TeacherSettings(
+        name=build.get("teacher", store.teacher),
+        weights=args.weights or build.get("weights"),
+        features=list(store.specs),
+        image_size=build.get("image_size"),
+    )
+    device = resolve_device(args.device)
+    random_init = bool(build.get("random_init")) and not args.weights
+    teacher = _build_teacher(settings, random_init=random_init, seed=int(build.get("seed") or 0), device=str(device))
+    differences = describe_differences(store.fingerprint_fields, teacher.fingerprint_fields())
+    if differences:
+        raise StoreMismatchError(
+            f"the rebuilt teacher differs from the one that wrote {args.dir}:\n  " + "\n  ".join(differences)
+            + "\nPass the checkpoint it was made with: --weights PATH",
+            differences,
+        )
+    data = store.manifest.get("data_resolved")
+    if not data or not Path(data).exists():
+        data = store.manifest.get("data_source")
+    dataset = build_dataset(
+        {"dataset": data, "img_size": DATASET_IMAGE_SIZE}, store.manifest.get("split") or "train", train=False
+    )
+    report = verify_against_teacher(
+        store, teacher, dataset, num=args.num, seed=args.seed, batch_size=args.batch_size, device=device
+    )
+    _say(f"recomputed {report['samples']} sample(s); frames equal: {report['frames_equal']}/{report['samples']}")
+    _say(f"{'feature':<12}  {'max abs error':>14}  {'min cosine':>11}  {'mean cosine':>11}")
+    passed = report["frames_equal"] == report["samples"] and report["samples"] > 0
+    for name, values in report["features"].items():
+        _say(
+            f"{name:<12}  {values['max_abs_error']:>14.6g}  {values['min_cosine']:>11.6f}  {values['mean_cosine']:>11.6f}"
+        )
+        passed = passed and values["min_cosine"] >= args.min_cosine
+    _say("verify: OK" if passed else f"verify: FAILED (min cosine below {args.min_cosine} or frames differ)")
+    return 0 if passed else 1
+
+
+# --------------------------------------------------------------------------- entry points
+def _guarded(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """``handler`` with store errors and interruptions turned into a message and an exit code."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except FeatureStoreError as error:
+            sys.stderr.write(f"error: {error}\n")
+            return 2
+        except KeyboardInterrupt:
+            sys.stderr.write("interrupted; re-run the same command to continue (committed shards are kept)\n")
+            return 130
+
+    return run
+
+
+def _run_handler(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    from vfmkd.cli import run_with_user_errors
+
+    return run_with_user_errors(lambda: handler(args))
+
+
+def _basic_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``vfmkd features ...`` on its own: ``main(["features", "info", DIR])``."""
+    parser = argparse.ArgumentParser(prog="vfmkd", description="vfmkd teacher feature store")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_features_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    _basic_logging(args.verbose)
+    return _run_handler(args.handler, args)
+
+
+def seed_prepare_main(argv: Sequence[str] | None = None) -> int:
+    """``python tools/prepare_teacher_features.py --teacher sam2 --dataset coco128 --output DIR``."""
+    parser = argparse.ArgumentParser(
+        prog="tools/prepare_teacher_features.py", description="compute a teacher's features into a store"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_extract_arguments(parser)
+    args = parser.parse_args(argv)
+    _basic_logging(args.verbose)
+    return _run_handler(_guarded(_cmd_extract), args)
