@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 logger = logging.getLogger("vfmkd")
 
-DEMO_CONFIG = "configs/experiments/yolov8n_shapes_demo.yaml"
+DEMO_CONFIG = "configs/experiments/yolov8n_sam2_shapes_demo.yaml"
 
 
 def _cmd_data_synth(args: argparse.Namespace) -> int:
@@ -74,6 +74,8 @@ def _print_result(result: dict) -> None:
         _say(
             f"mAP50-95 {metrics.get('mAP', 0.0):.4f}  mAP50 {metrics.get('mAP50', 0.0):.4f}"
         )
+        for name in sorted(key for key in metrics if key.startswith("fidelity/")):
+            _say(f"{name} {metrics[name]:.4f}")
     _say(f"run directory: {result.get('run_dir')}")
     for key in ("last", "best"):
         if result.get(key):
@@ -180,8 +182,36 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     overrides = [f"train.output_dir={args.out}"] if args.out else []
     config = load_config(args.config, overrides)
-    _say(f"demo: {args.config} -- YOLOv8n on the built-in 'shapes' data set, CPU friendly")
+    _say(f"demo: {args.config}")
+    for key, teacher in config.teachers.items():
+        if teacher.enabled and teacher.offline and teacher.feature_path:
+            prepare_teacher_store(key, teacher, config)
     return run_training(config)
+
+
+def prepare_teacher_store(key: str, teacher, config) -> None:
+    """Extract (or finish extracting) a configured teacher's store for the training split."""
+    from vfmkd.features.cli import main as features_main
+
+    argv = ["features", "extract", "--teacher", teacher.name or key, "--data", config.data.dataset,
+            "--split", config.data.train_split, "--out", teacher.feature_path, "--no-progress"]
+    if teacher.model_path and Path(teacher.model_path).is_file():
+        argv += ["--weights", teacher.model_path]
+    elif teacher.allow_random_init:
+        argv += ["--random-init", "--seed", str(teacher.random_init_seed)]
+        _say(
+            "\n" + "!" * 78 + f"\n!! teacher '{key}' has RANDOM weights: {teacher.model_path} is missing, so its "
+            "features\n!! mean nothing; this run only shows the flow works. For real distillation:\n"
+            f"!!   vfmkd weights download {teacher.name or key}\n" + "!" * 78 + "\n"
+        )
+    if teacher.image_size:
+        argv += ["--image-size", str(teacher.image_size)]
+    if teacher.features:
+        argv += ["--features", ",".join(teacher.features)]
+    _say(f"teacher features: vfmkd {' '.join(argv)}")
+    code = features_main(argv)
+    if code:
+        raise SystemExit(code)
 
 
 def _say(text: str) -> None:
