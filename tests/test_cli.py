@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vfmkd.cli import main, seed_overrides
+from vfmkd.cli import main, seed_overrides, seed_train_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,14 +64,27 @@ def test_seed_flags_pick_backbone_teacher_dataset(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_seed_train_command_then_eval_and_resume(tmp_path):
-    """`python tools/train.py --config ... --backbone yolov8 --teacher sam2 --dataset shapes`."""
+def test_seed_workflow_verbatim_then_eval_and_resume(tmp_path):
+    """The seed README's steps 4 and 5, on the built-in data, with a random-init teacher.
+
+    `prepare_teacher_features.py --teacher sam2 ... --output teacher_features/sam2/` then
+    `train.py --config configs/experiments/yolov8_sam2_coco.yaml --backbone yolov8
+    --teacher sam2 --dataset shapes`: hybrid SAM2 distillation plus detection.
+    """
+    small = ["--set", "teachers.sam2.allow_random_init=true", "--set", "teachers.sam2.image_size=128"]
+    prepare = run(
+        [str(ROOT / "tools/prepare_teacher_features.py"), "--teacher", "sam2", "--dataset", "shapes",
+         "--output", "teacher_features/sam2/", "--random-init", "--image-size", "128", "--limit", "12",
+         "--num-workers", "0", "--no-progress"],
+        tmp_path,
+    )
+    assert prepare.returncode == 0, prepare.stdout[-3000:] + prepare.stderr[-3000:]
+    assert "sam2.1_hiera_b+" in prepare.stdout
     overrides = [
         "--set", "data.img_size=64", "--set", "data.batch_size=4", "--set", "data.num_workers=0",
         "--set", "train.max_steps=2", "--set", f"train.output_dir={tmp_path / 'runs'}",
-        "--set", "model.heads.detection.num_classes=6",
+        "--set", "model.heads.detection.num_classes=6", "--set", "train.log_interval=1", *small,
     ]
-    (tmp_path / "datasets").mkdir()
     result = run(
         [str(ROOT / "tools/train.py"), "--config", str(ROOT / "configs/experiments/yolov8_sam2_coco.yaml"),
          "--backbone", "yolov8", "--teacher", "sam2", "--dataset", "shapes", *overrides],
@@ -80,9 +93,10 @@ def test_seed_train_command_then_eval_and_resume(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     run_dir = tmp_path / "runs/yolov8_sam2_coco_detection"
     assert "mAP50" in result.stdout and str(run_dir) in result.stdout
+    assert "80% offline" in result.stderr  # the alignment table
     assert (run_dir / "checkpoints/last.pt").is_file()
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert any("mAP50" in json.dumps(record) for record in records)
+    log = (run_dir / "metrics.jsonl").read_text()
+    assert "distill/sam2/embed<-p4" in log and "det/box" in log and "mAP50" in log
 
     config = run_dir / "config.yaml"
     evaluation = run(["-m", "vfmkd", "eval", "--config", str(config), "--checkpoint",
@@ -92,3 +106,13 @@ def test_seed_train_command_then_eval_and_resume(tmp_path):
 
     resumed = run(["-m", "vfmkd", "train", "--config", str(config), "--resume", "--set", "train.max_steps=3"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+
+def test_seed_config_without_a_store_says_how_to_make_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("VFMKD_CACHE_DIR", str(tmp_path / ".cache"))
+    code = seed_train_main(["--config", str(ROOT / "configs/experiments/yolov8_sam2_coco.yaml"),
+                            "--dataset", "shapes", "--set", "data.num_workers=0"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "teachers.sam2.feature_path" in err and "prepare_teacher_features.py --teacher sam2" in err

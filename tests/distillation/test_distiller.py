@@ -108,3 +108,28 @@ def test_all_offline_never_loads_the_teacher(probe_store, monkeypatch):
 
     monkeypatch.setattr(distiller_module, "build_configured_teacher", refuse)
     Trainer(_config(root, data_yaml, offline_ratio=1.0)).train()
+
+
+def test_two_teachers_each_with_its_losses_and_normalisation(probe_store):
+    root, data_yaml = probe_store
+    config = _config(root, data_yaml)
+    config.teachers["second"] = config.teachers["probe"].model_copy(update={"normalize": True})
+    config.distillation.losses = {
+        "first": config.distillation.losses["probe_p4"],
+        "second_kl": config.distillation.losses["probe_p4"].model_copy(update={"teacher": "second", "type": "kl"}),
+    }
+    config.distillation.teacher_dropout = 0.5
+    config.distillation.offline_ratio = 1.0  # both teachers read the store: comparable maps
+    trainer = Trainer(config)
+    names = [term.name for term in trainer.loss_fn.terms]
+    assert names == ["distill/probe/embed<-p4", "distill/second/embed<-p4"]
+    batch = next(iter(trainer.train_loader))
+    batch = trainer._prepare_batch(batch)
+    targets = trainer.loss_fn.teacher_targets(batch, trainer.device)
+    raw, _ = targets[("probe", "embed", 16)]
+    standardised, valid = targets[("second", "embed", 16)]
+    mean, std = trainer.loss_fn.teacher_plans["second"].store.stats("embed")
+    expected = (raw - torch.as_tensor(mean).view(1, -1, 1, 1)) / torch.as_tensor(std).view(1, -1, 1, 1)
+    torch.testing.assert_close(standardised[valid.expand_as(raw)], expected[valid.expand_as(raw)])
+    result = trainer.train()
+    assert result["step"] == 2
