@@ -58,6 +58,53 @@ def test_round_trip_every_codec(teacher, dataset, tmp_path, dtype):
     assert "missing" not in store
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "int8"])
+def test_float16_reads_match_the_float32_reads_cast(teacher, dataset, tmp_path, dtype):
+    store = _extract(teacher, dataset, tmp_path / "store", dtype=dtype)
+    ids = store.ids[:5]
+    for sample_id in ids:
+        half, single = store.read(sample_id, dtype=np.float16), store.read(sample_id)
+        explicit = store.read(sample_id, dtype=np.float32)
+        for name in store.specs:
+            assert half[name].dtype == np.float16 and half[name].shape == single[name].shape
+            assert half[name].flags.writeable and half[name].flags.c_contiguous
+            # float32 -> float16 is one rounding whichever way the codec gets there
+            np.testing.assert_array_equal(half[name], torch.from_numpy(single[name]).half().numpy())
+            np.testing.assert_array_equal(explicit[name], single[name])
+    batch = store.read_many(ids, ["hires_s8"], dtype="float16")
+    assert batch["hires_s8"].dtype == np.float16 and batch["hires_s8"].shape == (5, 3, 4, 4)
+    np.testing.assert_array_equal(batch["hires_s8"][3], store.read(ids[3], ["hires_s8"], dtype=np.float16)["hires_s8"])
+
+
+def test_float16_reads_of_a_float16_store_are_the_stored_bytes(teacher, dataset, tmp_path):
+    root = tmp_path / "store"
+    store = _extract(teacher, dataset, root, dtype="float16", shard_size=4)
+    stored = np.load(root / "shards/rank0-000000.embed.npy")
+    record = json.loads((root / "shards/rank0-000000.json").read_text())
+    for row, sample_id in enumerate(record["ids"]):
+        values = store.read(sample_id, ["embed"], dtype=np.float16)["embed"]
+        assert values.tobytes() == stored[row].tobytes()
+        values[...] = 0  # a copy: the memory map is untouched
+    assert np.load(root / "shards/rank0-000000.embed.npy").tobytes() == stored.tobytes()
+
+
+def test_float16_reads_of_wider_codecs_saturate_and_other_dtypes_are_refused(teacher, tmp_path):
+    header = StoreHeader("toy", teacher.fingerprint_fields(), "float32", dict(teacher.feature_specs))
+    prepare_store_for_writing(tmp_path, header)
+    writer = ShardWriter(tmp_path, header, rank=0, shard_size=4, start_index=0)
+    big = {"embed": np.full((1, 4, 2, 2), 1e6, np.float32), "hires_s8": np.full((1, 3, 4, 4), -1e6, np.float32)}
+    writer.add(["a"], [resize_frame((32, 32), (32, 32)).to_dict()], big)
+    writer.flush()
+    finalize_store(tmp_path, header)
+    store = FeatureStore.open(tmp_path)
+    half = store.read("a", dtype=np.float16)
+    assert np.isposinf(half["embed"]).all() and np.isneginf(half["hires_s8"]).all()
+    assert store.read("a")["embed"].max() == 1e6
+    for wrong in (np.float64, np.int8, torch.float16, "half precision"):
+        with pytest.raises(ValueError, match="decode to float32 or float16"):
+            store.read("a", dtype=wrong)
+
+
 def test_manifest_layout_and_statistics(teacher, dataset, tmp_path):
     root = tmp_path / "store"
     store = _extract(teacher, dataset, root, dtype="float32", data_source="imgs", split="train")

@@ -1,7 +1,10 @@
 """How feature values are stored on disk: float16, bfloat16, float32 or int8.
 
 Every codec turns float32 maps ``[N, C, H, W]`` into one stored array of the same shape
-(and, for ``int8``, a per-sample per-channel scale ``[N, C]``) and back into float32.
+(and, for ``int8``, a per-sample per-channel scale ``[N, C]``) and back into float32, or
+into float16 for readers that train in half precision (:data:`DECODE_DTYPES`): the
+``float16`` codec then copies its stored bytes as they are; the others decode and cast
+(values beyond +-65504 become +-inf, precision is float16's).
 
 - ``float16`` (default): IEEE half; values beyond +-65504 cannot be stored (the writer
   refuses them and names ``bfloat16``).
@@ -22,17 +25,22 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from numpy.typing import DTypeLike
 
 __all__ = [
     "CODEC_NAMES",
     "Codec",
+    "DECODE_DTYPES",
     "FLOAT16_MAX",
     "bfloat16_bits_to_float32",
+    "decode_dtype",
     "float32_to_bfloat16_bits",
     "get_codec",
 ]
 
 CODEC_NAMES = ("float16", "bfloat16", "float32", "int8")
+# What stored maps can be decoded into.
+DECODE_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 INT8_LEVELS = 127
 # A quiet NaN in bfloat16 bits (sign 0, exponent all ones, top mantissa bit set).
@@ -93,15 +101,29 @@ def _torch_view(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(array)
 
 
-def _to_float32_torch(stored: np.ndarray, *, bfloat16: bool = False, out: np.ndarray | None = None) -> np.ndarray:
+def _stored_tensor(stored: np.ndarray, *, bfloat16: bool = False) -> torch.Tensor:
+    """A torch view of stored values (bfloat16 bits viewed as ``torch.bfloat16``)."""
     stored = np.asarray(stored)
     if bfloat16:
-        tensor = _torch_view(stored.view(np.int16)).view(torch.bfloat16)
-    else:
-        tensor = _torch_view(stored)
-    output = np.empty(stored.shape, dtype=np.float32) if out is None else out
-    torch.from_numpy(output).copy_(tensor)
+        return _torch_view(stored.view(np.int16)).view(torch.bfloat16)
+    return _torch_view(stored)
+
+
+def _to_float32_torch(stored: np.ndarray, *, bfloat16: bool = False, out: np.ndarray | None = None) -> np.ndarray:
+    output = np.empty(np.shape(stored), dtype=np.float32) if out is None else out
+    torch.from_numpy(output).copy_(_stored_tensor(stored, bfloat16=bfloat16))
     return output
+
+
+def decode_dtype(dtype: DTypeLike) -> np.dtype:
+    """``dtype`` as a numpy dtype, if maps can be decoded into it (float32 or float16)."""
+    try:
+        resolved = np.dtype(dtype)
+    except TypeError:
+        resolved = None
+    if resolved not in DECODE_DTYPES:
+        raise ValueError(f"stored features decode to float32 or float16 (numpy dtypes), not {dtype!r}")
+    return resolved
 
 
 @dataclass(frozen=True)
@@ -153,33 +175,49 @@ class Codec:
         np.clip(quantised, -INT8_LEVELS, INT8_LEVELS, out=quantised)
         return quantised.astype(np.int8), scale
 
-    def decode(self, stored: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
-        """Decode stored maps back to float32.
+    def decode(
+        self, stored: np.ndarray, scale: np.ndarray | None = None, dtype: DTypeLike = np.float32
+    ) -> np.ndarray:
+        """Decode stored maps.
 
         Args:
             stored: ``[..., C, H, W]`` in ``storage_dtype`` (e.g. one memory-mapped row).
             scale: ``[..., C]`` float32, for ``int8`` only.
+            dtype: float32 (default) or float16 (see :meth:`decode_into`).
 
         Returns:
-            A new float32 array of the same shape as ``stored``.
+            A new array of the same shape as ``stored``.
         """
-        return self.decode_into(stored, np.empty(np.shape(stored), dtype=np.float32), scale)
+        return self.decode_into(stored, np.empty(np.shape(stored), dtype=decode_dtype(dtype)), scale)
 
     def decode_into(self, stored: np.ndarray, out: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
         """Decode stored maps into ``out``.
 
+        A float16 ``out`` gets the stored bytes copied as they are from the ``float16``
+        codec (a plain memcpy); the other codecs decode and cast to float16, so values
+        beyond +-65504 become +-inf.
+
         Args:
             stored: ``[..., C, H, W]`` in ``storage_dtype``.
-            out: float32 array of the same shape (written; returned).
+            out: float32 or float16 array of the same shape (written; returned).
             scale: ``[..., C]`` float32, for ``int8`` only.
 
         Returns:
             ``out``.
         """
-        if out.shape != np.shape(stored) or out.dtype != np.float32:
-            raise ValueError(f"out must be float32 {np.shape(stored)}, got {out.dtype} {out.shape}")
+        if out.shape != np.shape(stored) or out.dtype not in DECODE_DTYPES:
+            raise ValueError(f"out must be float32 or float16 {np.shape(stored)}, got {out.dtype} {out.shape}")
         if self.name == "int8" and scale is None:
             raise ValueError("the int8 codec needs the per-channel scale to decode")
+        if out.dtype == np.float16:
+            if self.name == "float16":
+                np.copyto(out, stored)
+            elif self.name == "int8":
+                torch.from_numpy(out).copy_(torch.from_numpy(self.decode(stored, scale)))
+            else:
+                # NOTE: torch casts bfloat16 / float32 to half directly (and vectorised).
+                torch.from_numpy(out).copy_(_stored_tensor(stored, bfloat16=self.name == "bfloat16"))
+            return out
         _to_float32_torch(stored, bfloat16=self.name == "bfloat16", out=out)
         if self.name == "int8":
             out *= np.asarray(scale, dtype=np.float32)[..., None, None]

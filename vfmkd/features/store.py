@@ -21,7 +21,8 @@ carries a checksum of its own content, so a hand-edited manifest is detected.
 
 Reading: :meth:`FeatureStore.open` validates the store (manifest checksum, each shard
 file's byte size, optionally its SHA-256, and the fingerprint fields the caller expects)
-and :meth:`FeatureStore.read` returns float32 maps from memory-mapped arrays that are
+and :meth:`FeatureStore.read` returns float32 maps (or float16 ones, ``dtype=np.float16``:
+from a float16 store a plain copy of the stored bytes) from memory-mapped arrays that are
 opened once per shard and process.
 """
 
@@ -39,8 +40,9 @@ from pathlib import Path
 from typing import IO, Any, Iterable, Mapping, Sequence
 
 import numpy as np
+from numpy.typing import DTypeLike
 
-from vfmkd.features.codecs import FLOAT16_MAX, Codec, get_codec
+from vfmkd.features.codecs import FLOAT16_MAX, Codec, decode_dtype, get_codec
 from vfmkd.geometry import Frame
 from vfmkd.teachers.base import FeatureSpec
 from vfmkd.utils.io import atomic_write, atomic_write_text
@@ -986,33 +988,42 @@ class FeatureStore:
         )
 
     # ----------------------------------------------------------------- reads
-    def read(self, sample_id: str, features: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    def read(
+        self, sample_id: str, features: Sequence[str] | None = None, *, dtype: DTypeLike | None = None
+    ) -> dict[str, np.ndarray]:
         """The features of one sample.
 
         Args:
             sample_id: image path relative to the split's image folder, no extension.
             features: names to read (default: all stored).
+            dtype: ``np.float32`` (default) or ``np.float16``. From a ``float16`` store,
+                float16 is the stored values copied as they are (no decoding: a reader
+                that trains in half precision pays a memcpy); other codecs decode and
+                cast to float16 (values beyond +-65504 become +-inf).
 
         Returns:
-            Per feature, a new float32 array ``[C, H, W]``.
+            Per feature, a new array ``[C, H, W]`` of ``dtype``.
         """
         names = self._names(features)
         shard, row = self._locate(sample_id)
         arrays = self._shard_arrays(shard)
-        outputs = self._allocate(names, 1)
+        outputs = self._allocate(names, 1, dtype)
         for name in names:
             data, scale = arrays[name]
             self.codec.decode_into(data[row], outputs[name][0], None if scale is None else scale[row])
         return {name: outputs[name][0] for name in names}
 
-    def read_many(self, sample_ids: Sequence[str], features: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        """The features of several samples, stacked.
+    def read_many(
+        self, sample_ids: Sequence[str], features: Sequence[str] | None = None, *, dtype: DTypeLike | None = None
+    ) -> dict[str, np.ndarray]:
+        """The features of several samples, stacked (``dtype`` as in :meth:`read`).
 
         Returns:
-            Per feature, a new float32 array ``[B, C, H, W]`` in the order of ``sample_ids``.
+            Per feature, a new array ``[B, C, H, W]`` of ``dtype`` in the order of
+            ``sample_ids``.
         """
         names = self._names(features)
-        outputs = self._allocate(names, len(sample_ids))
+        outputs = self._allocate(names, len(sample_ids), dtype)
         for position, sample_id in enumerate(sample_ids):
             shard, row = self._locate(sample_id)
             arrays = self._shard_arrays(shard)
@@ -1028,8 +1039,8 @@ class FeatureStore:
             self._check_feature(name)
         return names
 
-    def _allocate(self, names: Sequence[str], count: int) -> dict[str, np.ndarray]:
-        """Float32 outputs ``[count, C, H, W]`` per feature, carved from one block.
+    def _allocate(self, names: Sequence[str], count: int, dtype: DTypeLike | None = None) -> dict[str, np.ndarray]:
+        """Outputs ``[count, C, H, W]`` per feature (float32 by default), carved from one block.
 
         NOTE: one block per read instead of one per feature keeps glibc's malloc reusing
         the same heap memory read after read; separate blocks of several MiB each get
@@ -1037,7 +1048,7 @@ class FeatureStore:
         several times slower.
         """
         sizes = [count * self.specs[name].channels * self.specs[name].height * self.specs[name].width for name in names]
-        block = np.empty(sum(sizes), dtype=np.float32)
+        block = np.empty(sum(sizes), dtype=np.float32 if dtype is None else decode_dtype(dtype))
         outputs, offset = {}, 0
         for name, size in zip(names, sizes):
             spec = self.specs[name]
