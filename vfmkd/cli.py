@@ -70,12 +70,12 @@ def run_training(config, *, resume: bool = False) -> int:
 
 def _print_result(result: dict) -> None:
     metrics = result.get("metrics") or {}
-    if metrics:
+    if "mAP" in metrics:
         _say(
             f"mAP50-95 {metrics.get('mAP', 0.0):.4f}  mAP50 {metrics.get('mAP50', 0.0):.4f}"
         )
-        for name in sorted(key for key in metrics if key.startswith("fidelity/")):
-            _say(f"{name} {metrics[name]:.4f}")
+    for name in sorted(key for key in metrics if key.startswith("fidelity/")):
+        _say(f"{name} {metrics[name]:.4f}")
     _say(f"run directory: {result.get('run_dir')}")
     for key in ("last", "best"):
         if result.get(key):

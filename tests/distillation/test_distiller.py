@@ -133,3 +133,17 @@ def test_two_teachers_each_with_its_losses_and_normalisation(probe_store):
     torch.testing.assert_close(standardised[valid.expand_as(raw)], expected[valid.expand_as(raw)])
     result = trainer.train()
     assert result["step"] == 2
+
+
+def test_unlabelled_folder_trains_distillation_alone(probe_store, tmp_path):
+    root, data_yaml = probe_store
+    config = _config(root, data_yaml)
+    # the training images alone, as a plain folder: no labels
+    config.data.dataset = str(data_yaml.parent / "images")
+    config.data.train_split = "train"
+    config.data.val_split = "val"
+    config.train.output_dir = str(tmp_path / "runs")
+    result = Trainer(config).train()
+    lines = (tmp_path / "runs/distill/metrics.jsonl").read_text()
+    assert "distill/probe/embed<-p4" in lines and "det/box" not in lines
+    assert result["step"] == 2

@@ -282,7 +282,7 @@ class Trainer:
             from vfmkd.distillation.sources import DistillationDataset, collate_with_teacher_features
 
             # NOTE: before the optimizer: the distiller adds its adapters to the model.
-            distiller = build_distiller(config, self.model)
+            distiller = build_distiller(config, self.model, has_labels=getattr(train_dataset, "has_labels", True))
             if distiller is not None:
                 loss_fn = distiller
                 self.model.to(self.device)
@@ -763,29 +763,35 @@ class Trainer:
         if self.is_main:
             eval_cfg = self.config.eval
             started = time.perf_counter()
-            metrics = evaluate_model(
-                self.ema.module if self.ema is not None else self.model,
-                self.val_dataset,
-                batch_size=eval_cfg.batch_size or self.batch_size,
-                num_workers=self.num_workers,
-                device=self.device,
-                amp=self.config.train.amp,
-                amp_dtype=self.config.train.amp_dtype,
-                eval_cfg=eval_cfg,
-                collate_fn=self.collate_fn,
-            )
-            metrics["fitness"] = fitness(metrics)
+            metrics = {}
+            if getattr(self.val_dataset, "has_labels", True):
+                metrics = evaluate_model(
+                    self.ema.module if self.ema is not None else self.model,
+                    self.val_dataset,
+                    batch_size=eval_cfg.batch_size or self.batch_size,
+                    num_workers=self.num_workers,
+                    device=self.device,
+                    amp=self.config.train.amp,
+                    amp_dtype=self.config.train.amp_dtype,
+                    eval_cfg=eval_cfg,
+                    collate_fn=self.collate_fn,
+                )
+                metrics["fitness"] = fitness(metrics)
+                logger.info(
+                    "eval at step %d: mAP50-95 %.4f  mAP50 %.4f  mAP75 %.4f (%.1fs)",
+                    self.step,
+                    metrics["mAP"],
+                    metrics["mAP50"],
+                    metrics["mAP75"],
+                    time.perf_counter() - started,
+                )
             metrics.update(self._feature_fidelity())
+            if "fitness" not in metrics:
+                # NOTE: without labels the best checkpoint is the one closest to its teachers.
+                cosines = [value for name, value in metrics.items() if name.endswith("/cosine")]
+                metrics["fitness"] = sum(cosines) / len(cosines) if cosines else 0.0
             if self.metric_logger is not None:
                 self.metric_logger.log(metrics, step=self.step, kind="eval", epoch=self.epoch)
-            logger.info(
-                "eval at step %d: mAP50-95 %.4f  mAP50 %.4f  mAP75 %.4f (%.1fs)",
-                self.step,
-                metrics["mAP"],
-                metrics["mAP50"],
-                metrics["mAP75"],
-                time.perf_counter() - started,
-            )
         distributed.barrier()
         return metrics
 

@@ -144,6 +144,9 @@ def segment_to_mask(segment: Segment, box: np.ndarray, height: int, width: int) 
 class ImageDataset(Dataset):
     """A data set of images with detection (and optionally mask) targets.
 
+    ``has_labels`` is False for a data set without annotations (a plain image folder):
+    its empty targets mean "unknown", not "no objects", so task losses are skipped.
+
     Args:
         records: one record per usable image, in data set order.
         names: class names (contiguous label -> name).
@@ -156,6 +159,8 @@ class ImageDataset(Dataset):
         problems: problems found while building the records (logged here).
         source: what the data set was read from (for messages).
     """
+
+    has_labels = True
 
     def __init__(
         self,
@@ -326,6 +331,8 @@ class FolderDataset(ImageDataset):
         names: class names, if a detection head needs them (targets are always empty).
         **kwargs: see :class:`ImageDataset`.
     """
+
+    has_labels = False
 
     def __init__(self, root: str | Path, names: Sequence[str] = (), **kwargs: Any) -> None:
         root = Path(root)

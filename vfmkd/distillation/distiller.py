@@ -317,6 +317,7 @@ class Distiller(nn.Module):
         teachers: resolved teachers from :func:`plan_distillation`.
         terms: resolved terms.
         task_weights: prefix -> weight for the task losses (``det/`` -> 5.0).
+        task_losses: False for training data without labels: distillation alone.
     """
 
     def __init__(
@@ -326,6 +327,7 @@ class Distiller(nn.Module):
         teachers: dict[str, TeacherPlan],
         terms: list[TermPlan],
         task_weights: Mapping[str, float],
+        task_losses: bool = True,
     ) -> None:
         super().__init__()
         from vfmkd.models.adapters import build_adapter
@@ -335,6 +337,7 @@ class Distiller(nn.Module):
         self.teacher_plans = teachers
         self.terms = terms
         self.task_weights = dict(task_weights)
+        self.task_losses = task_losses
         self.image_size = config.data.img_size
         adapters = nn.ModuleDict()
         losses = nn.ModuleDict()
@@ -460,7 +463,7 @@ class Distiller(nn.Module):
     def forward(self, model: nn.Module, outputs: dict[str, Any], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Task losses (weighted) and one term per planned pair."""
         losses: dict[str, torch.Tensor] = {}
-        if batch.get("targets") is not None and any(name != "features" for name in outputs):
+        if self.task_losses and batch.get("targets") is not None and any(name != "features" for name in outputs):
             for name, value in model.loss(outputs, batch["targets"]).items():
                 weight = next((w for prefix, w in self.task_weights.items() if name.startswith(prefix)), 1.0)
                 losses[name] = value * weight if weight != 1.0 else value
@@ -530,8 +533,10 @@ def _check_store_matches(key: str, store: Any, teacher: Any) -> None:
         )
 
 
-def build_distiller(config: ExperimentConfig, model: nn.Module) -> Distiller | None:
+def build_distiller(config: ExperimentConfig, model: nn.Module, *, has_labels: bool = True) -> Distiller | None:
     """The distiller for ``config``, or None when it has no distillation term.
+
+    ``has_labels=False`` (an unlabelled image folder) trains the distillation terms alone.
 
     Prints the alignment table (through logging) and attaches adapters to ``model``.
     """
@@ -546,6 +551,8 @@ def build_distiller(config: ExperimentConfig, model: nn.Module) -> Distiller | N
         for task, prefix in TASK_TERMS.items()
         if task in config.distillation.losses
     }
-    distiller = Distiller(config, model, teachers, terms, task_weights)
+    distiller = Distiller(config, model, teachers, terms, task_weights, task_losses=has_labels)
+    if not has_labels:
+        logger.info("the training data has no labels: distillation terms only, no task losses")
     logger.info("distillation alignment:\n%s", alignment_table(terms, teachers, config.data.img_size))
     return distiller
