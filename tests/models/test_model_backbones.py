@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import pytest
 import torch
@@ -13,24 +12,55 @@ from vfmkd.models.backbones import BaseBackbone, YOLOv8Backbone
 from vfmkd.models.necks import YOLOv8PAFPN
 from vfmkd.registry import BACKBONES, NECKS
 
-# Small constructor kwargs per backbone for the generic test; a backbone whose defaults are
-# already small needs no entry.
-SMALL_KWARGS: dict[str, dict[str, Any]] = {"yolov8": {"scale": "n"}}
+# A generic build must stay small so the test stays fast; a backbone whose defaults are
+# larger declares a classmethod ``small_config()`` returning small constructor kwargs.
+MAX_SMALL_PARAMETERS = 10_000_000
+# Square and non-square inputs (multiples of 32), so height and width cannot be swapped.
+INPUT_SIZES = ((64, 64), (96, 64))
+
+
+def _build_small(name: str) -> BaseBackbone:
+    factory = BACKBONES.get(name)
+    small_config = getattr(factory, "small_config", None)
+    return factory(**(small_config() if small_config is not None else {}))
 
 
 @pytest.mark.parametrize("name", BACKBONES.names())
 def test_registered_backbone_matches_declaration(name: str) -> None:
-    backbone = BACKBONES.build(name, **SMALL_KWARGS.get(name, {})).eval()
+    torch.manual_seed(0)
+    backbone = _build_small(name).eval()
     assert isinstance(backbone, BaseBackbone)
+    num_parameters = sum(p.numel() for p in backbone.parameters())
+    assert num_parameters <= MAX_SMALL_PARAMETERS, (
+        f"backbone '{name}' built for the contract test has {num_parameters:,} parameters; give its class a "
+        f"classmethod small_config() returning constructor kwargs of an instance under {MAX_SMALL_PARAMETERS:,}"
+    )
     assert backbone.get_feature_dims() == backbone.feature_dims
     assert backbone.get_feature_strides() == backbone.feature_strides
-    size = 64
-    with torch.no_grad():
-        features = backbone(torch.rand(2, 3, size, size))
-    assert set(features) == set(backbone.feature_dims)
-    for level, feature in features.items():
-        stride = backbone.feature_strides[level]
-        assert feature.shape == (2, backbone.feature_dims[level], math.ceil(size / stride), math.ceil(size / stride))
+    for height, width in INPUT_SIZES:
+        with torch.no_grad():
+            features = backbone(torch.rand(2, 3, height, width))
+        assert set(features) == set(backbone.feature_dims)
+        for level, feature in features.items():
+            stride = backbone.feature_strides[level]
+            expected = (2, backbone.feature_dims[level], math.ceil(height / stride), math.ceil(width / stride))
+            assert feature.shape == expected, f"{name} level {level} at input {height}x{width}"
+            assert torch.isfinite(feature).all(), f"{name} level {level} is not finite"
+
+
+@pytest.mark.parametrize("name", BACKBONES.names())
+def test_registered_backbone_default_neck_builds(name: str) -> None:
+    backbone = _build_small(name)
+    neck_config = backbone.default_neck_config()
+    if neck_config is None:
+        return
+    assert neck_config["type"] in NECKS, f"backbone '{name}' names an unregistered default neck {neck_config}"
+    kwargs = {key: value for key, value in neck_config.items() if key != "type"}
+    with torch.device("meta"):
+        neck = NECKS.build(
+            neck_config["type"], in_channels=backbone.feature_dims, in_strides=backbone.feature_strides, **kwargs
+        )
+    assert set(neck.feature_dims) == set(neck.feature_strides), f"neck of '{name}' declares mismatched levels"
 
 
 def test_yolov8_backbone_levels_and_scales() -> None:
