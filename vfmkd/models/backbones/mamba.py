@@ -428,11 +428,16 @@ class MambaBackbone(BaseBackbone):
         self.output_norms = nn.ModuleDict({level: nn.LayerNorm(self.feature_dims[level]) for level in _OUTPUT_LEVELS})
         self.apply(_init_weights)
 
+    @classmethod
+    def small_config(cls) -> dict[str, Any]:
+        """Constructor kwargs of a small instance (for contract tests and examples)."""
+        return {"size": "nano"}
+
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Compute the three pyramid levels.
 
         Args:
-            images: ``[B, in_channels, H, W]`` normalised images.
+            images: ``[B, in_channels, H, W]`` images (RGB in ``[0, 1]`` throughout vfmkd).
 
         Returns:
             ``p3 [B, 2E, H/8, W/8]``, ``p4 [B, 4E, H/16, W/16]``, ``p5 [B, 8E, H/32, W/32]``
