@@ -33,6 +33,7 @@ Prints a markdown table and writes benchmarks/results/feature_store.json.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -176,6 +177,10 @@ def measure_reads(folder: Path, ids: list[str], passes: int, cold: bool) -> dict
     for _ in range(passes):
         for name, read in readers.items():
             if cold:
+                # NOTE: pages still mapped by a store are not dropped: unmap both first.
+                for store in (store_float32, store_float16):
+                    store._arrays.clear()
+                gc.collect()
                 drop_page_cache(store_files + npz_files)
             results[name].append(time_pass(read, order))
     return results

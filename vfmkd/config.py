@@ -73,6 +73,10 @@ class TeacherConfig(_Strict):
     the store at ``feature_path``. ``config`` names a YAML file of these keys (the entry's
     own keys win). ``val_feature_path`` (a store of the validation split) lets the
     feature-fidelity evaluation of an all-offline teacher run without loading it.
+    ``write_back: true`` adds each training image missing from the store at
+    ``feature_path`` (creating the store when absent), computed from the clean image as
+    extraction would, so the first epoch fills the cache and the next ones read it
+    (:mod:`vfmkd.distillation.write_back`).
     """
 
     name: str | None = None

@@ -228,7 +228,9 @@ class Trainer:
         loss_fn: ``loss_fn(model, outputs, batch) -> {name: scalar}``, where ``model`` is
             the unwrapped model and ``batch`` holds float ``images [B, 3, H, W]`` in [0, 1]
             and ``targets`` on the device; default :class:`TaskLoss`. An ``nn.Module`` is
-            moved to the device.
+            moved to the device. When it has ``end_epoch()``, that is called on every rank
+            after each epoch, and ``end_training(synchronize)`` when :meth:`train` ends
+            (``synchronize`` False when it ends with an error).
         collate_fn: batches samples; default ``vfmkd.datasets.collate.collate_samples``.
         resume: continue from ``run_dir/checkpoints/last.pt``.
     """
@@ -505,6 +507,7 @@ class Trainer:
             save_config(self.config, self.run_dir / "config.yaml")
         self.metric_logger = MetricLogger(self.run_dir, enabled=self.is_main)
         interrupted = False
+        completed = False
         log_file = log_to_file(self.run_dir / "train.log") if self.is_main else contextlib.nullcontext()
         try:
             with log_file, self._stop_signal_handlers():
@@ -516,6 +519,9 @@ class Trainer:
                     if epoch_done:
                         self.epoch += 1
                         self.batch_in_epoch = 0
+                        end_epoch = getattr(self.loss_fn, "end_epoch", None)
+                        if callable(end_epoch):
+                            end_epoch()
                     if self.step >= self.total_steps:
                         break
                     if epoch_done:
@@ -529,10 +535,16 @@ class Trainer:
                         interrupted = True
                         break
                 self._end_of_period(evaluate=not interrupted, save=True)
+            completed = True
         finally:
-            self.metric_logger.close()
-            if self._owns_process_group:
-                distributed.cleanup()
+            try:
+                end_training = getattr(self.loss_fn, "end_training", None)
+                if callable(end_training):
+                    end_training(synchronize=completed)
+            finally:
+                self.metric_logger.close()
+                if self._owns_process_group:
+                    distributed.cleanup()
         return {
             "run_dir": str(self.run_dir),
             "last": str(self.last_path) if self.last_path.is_file() else None,

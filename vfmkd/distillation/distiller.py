@@ -4,7 +4,9 @@
 pairing of a student level with a named teacher feature (channels, strides, grid, loss,
 weight), failing before training with a message that names the config key when a pair
 cannot work. :class:`Distiller` is then the trainer's ``loss_fn``: task losses plus one
-``distill/<teacher>/<feature><-<level>`` term per pair.
+``distill/<teacher>/<feature><-<level>`` term per pair. With ``write_back: true`` on a
+teacher, it also fills that teacher's store during training
+(:mod:`vfmkd.distillation.write_back`).
 """
 
 from __future__ import annotations
@@ -16,11 +18,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
 from vfmkd.config import ConfigError, ExperimentConfig, TeacherConfig, read_yaml
-from vfmkd.distillation.sources import OFFLINE_KEY, OfflinePlan, offline_features, online_features
+from vfmkd.core.distributed import all_gather_object, barrier, get_rank
+from vfmkd.distillation.sources import (
+    OFFLINE_KEY,
+    WRITE_BACK_KEY,
+    OfflinePlan,
+    offline_features,
+    online_features,
+)
 from vfmkd.teachers.base import FeatureSpec
 from vfmkd.utils.paths import find_project_file
 
@@ -30,11 +40,19 @@ TASK_TERMS = {"detection": "det/", "segmentation": "seg/"}
 # NOTE: the seed names its loss `feature_mse`; a `feature_` prefix before a loss name
 # means that loss when no `type` is given.
 LOSS_NAME_PREFIX = "feature_"
+# An image to check that the teacher's light CPU preprocessing copy matches the teacher.
+_PROBE_IMAGE = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
 
 
 @dataclass
 class TeacherPlan:
-    """A resolved teacher entry."""
+    """A resolved teacher entry.
+
+    ``store`` is its opened feature store (None when it has none), ``teacher`` a teacher
+    built while planning (handed to the distiller on first use), ``write_back`` this
+    rank's :class:`~vfmkd.distillation.write_back.StoreWriteBack` when the config's
+    ``write_back`` is on.
+    """
 
     key: str
     registry_name: str
@@ -43,6 +61,7 @@ class TeacherPlan:
     offline_ratio: float
     store: Any = None
     teacher: Any = None
+    write_back: Any = None
 
 
 @dataclass
@@ -173,30 +192,26 @@ def plan_distillation(config: ExperimentConfig, student_dims: Mapping[str, int],
         store = None
         prebuilt = None
         specs: dict[str, FeatureSpec]
-        if ratio > 0.0:
-            if not teacher.feature_path:
+        if teacher.write_back:
+            if not teacher.offline or not teacher.feature_path:
                 raise ConfigError(
-                    f"teachers.{key}: offline distillation needs 'feature_path' (a feature store made with "
-                    f"`vfmkd features extract --teacher {registry_name} ...`), or set 'offline: false'"
+                    f"teachers.{key}.write_back: fills the store at 'feature_path' that offline samples read; "
+                    "it needs 'feature_path' and offline: true (offline_ratio 0 fills the store without reading it)"
                 )
-            from vfmkd.features.store import FeatureStore, StoreMismatchError
-
-            try:
-                store = FeatureStore.open(
-                    teacher.feature_path, expect=expected_store_fields(key, teacher, registry_name)
+            store = _open_store(key, teacher, registry_name, config, missing_ok=True)
+            if teacher.normalize and (store is None or len(store) == 0):
+                raise ConfigError(
+                    f"teachers.{key}.normalize needs the statistics of a filled store, and '{teacher.feature_path}' "
+                    "is empty; fill it first (extract it, or train once with write_back and normalize off)"
                 )
-            except StoreMismatchError as error:
-                raise ConfigError(
-                    f"teachers.{key}.feature_path: the store at '{teacher.feature_path}' was made with another "
-                    "teacher set-up:\n  " + "\n  ".join(error.differences)
-                    + "\nre-extract it for this config, or point feature_path elsewhere"
-                ) from None
-            except FileNotFoundError:
-                raise ConfigError(
-                    f"teachers.{key}.feature_path: no feature store at '{teacher.feature_path}'; make it with "
-                    f"`python tools/prepare_teacher_features.py --teacher {key} --dataset {config.data.dataset} "
-                    f"--output {teacher.feature_path}` (or set offline: false)"
-                ) from None
+            # NOTE: the teacher computes every stored feature, so that what it writes back
+            # is a whole store row; the specs of a store that does not exist yet are its own.
+            prebuilt = build_configured_teacher(
+                key, teacher, registry_name, list(store.specs) if store is not None else teacher.features
+            )
+            specs = dict(store.specs) if store is not None else dict(prebuilt.feature_specs)
+        elif ratio > 0.0:
+            store = _open_store(key, teacher, registry_name, config)
             specs = dict(store.specs)
         else:
             # Every sample is online: the teacher is needed anyway, and declares its specs.
@@ -261,6 +276,35 @@ def plan_distillation(config: ExperimentConfig, student_dims: Mapping[str, int],
     if duplicates:
         raise ConfigError(f"distillation.losses: the same pairing appears twice: {', '.join(duplicates)}")
     return teachers, terms
+
+
+def _open_store(
+    key: str, teacher: TeacherConfig, registry_name: str, config: ExperimentConfig, *, missing_ok: bool = False
+) -> Any:
+    """The teacher's store at ``feature_path``, checked against the config (None if absent and ``missing_ok``)."""
+    from vfmkd.features.store import FeatureStore, StoreMismatchError
+
+    if not teacher.feature_path:
+        raise ConfigError(
+            f"teachers.{key}: offline distillation needs 'feature_path' (a feature store made with "
+            f"`vfmkd features extract --teacher {registry_name} ...`), or set 'offline: false'"
+        )
+    try:
+        return FeatureStore.open(teacher.feature_path, expect=expected_store_fields(key, teacher, registry_name))
+    except StoreMismatchError as error:
+        raise ConfigError(
+            f"teachers.{key}.feature_path: the store at '{teacher.feature_path}' was made with another "
+            "teacher set-up:\n  " + "\n  ".join(error.differences)
+            + "\nre-extract it for this config, or point feature_path elsewhere"
+        ) from None
+    except FileNotFoundError:
+        if missing_ok:
+            return None
+        raise ConfigError(
+            f"teachers.{key}.feature_path: no feature store at '{teacher.feature_path}'; make it with "
+            f"`python tools/prepare_teacher_features.py --teacher {key} --dataset {config.data.dataset} "
+            f"--output {teacher.feature_path}` (or set offline: false, or write_back: true to fill it while training)"
+        ) from None
 
 
 def _closest_level(stride: int, student_strides: Mapping[str, int]) -> str:
@@ -352,16 +396,23 @@ class Distiller(nn.Module):
         self._online: dict[str, Any] = {}
         self._statistics: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self.dropout = config.distillation.teacher_dropout
+        self._write_backs = {key: plan.write_back for key, plan in teachers.items() if plan.write_back is not None}
 
     # ------------------------------------------------------------------ data side
     def offline_plans(self) -> list[OfflinePlan]:
-        """What the data loader workers read, per teacher with a store."""
+        """What the data loader workers read (and prepare for write-back), per teacher with a store."""
+        from vfmkd.features.extract import cpu_preprocessor
+
         plans = []
         for key, plan in self.teacher_plans.items():
-            if plan.store is None or plan.offline_ratio == 0.0:
+            if plan.store is None or (plan.offline_ratio == 0.0 and plan.write_back is None):
                 continue
             features = tuple(sorted({term.feature for term in self.terms if term.teacher == key}))
-            plans.append(OfflinePlan(key, str(plan.config.feature_path), features, plan.offline_ratio))
+            preprocess = None
+            if plan.write_back is not None:
+                teacher = plan.teacher if plan.teacher is not None else self._online[key]
+                preprocess = cpu_preprocessor(teacher, _PROBE_IMAGE)
+            plans.append(OfflinePlan(key, str(plan.config.feature_path), features, plan.offline_ratio, preprocess))
         return plans
 
     # --------------------------------------------------------------- teacher side
@@ -462,8 +513,12 @@ class Distiller(nn.Module):
     # ---------------------------------------------------------------- the loss fn
     def forward(self, model: nn.Module, outputs: dict[str, Any], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Task losses (weighted) and one term per planned pair."""
+        if WRITE_BACK_KEY in batch and self._write_backs:
+            self._write_back(batch[WRITE_BACK_KEY], batch["images"].device)
         losses: dict[str, torch.Tensor] = {}
-        if self.task_losses and batch.get("targets") is not None and any(name != "features" for name in outputs):
+        heads = [name for name in outputs if name != "features"]
+        task_run = self.task_losses and batch.get("targets") is not None and bool(heads)
+        if task_run:
             for name, value in model.loss(outputs, batch["targets"]).items():
                 weight = next((w for prefix, w in self.task_weights.items() if name.startswith(prefix)), 1.0)
                 losses[name] = value * weight if weight != 1.0 else value
@@ -479,7 +534,79 @@ class Distiller(nn.Module):
             if term.teacher in dropped:
                 value = value * 0.0
             losses[term.name] = value * term.weight
+        if heads and not task_run and self.terms:
+            # NOTE: without task losses the heads (and neck parts only they use) would get no
+            # gradient, which DDP (find_unused_parameters=False) refuses at the next step; a
+            # zero-weighted tie gives them an exact zero gradient instead.
+            first = self.terms[0].name
+            losses[first] = losses[first] + 0.0 * _finite_sum([outputs[name] for name in heads])
         return losses
+
+    # ---------------------------------------------------------------- write-back
+    def _write_back(self, pending: Mapping[str, Mapping[str, Any]], device: torch.device) -> None:
+        """Add the batch's primary images missing from write-back stores (each id once over all ranks).
+
+        Args:
+            pending: teacher -> ``ids``, ``pixels [N, 3, S, S]``, ``frames`` (see
+                :func:`~vfmkd.distillation.sources.collate_with_teacher_features`).
+            device: where the teacher runs.
+        """
+        # NOTE: one small all-gather per step under DDP, on every rank whatever it holds,
+        # so that the ranks agree on who writes an id both of them met.
+        offered = {key: list(pending[key]["ids"]) if key in pending else [] for key in self._write_backs}
+        gathered = all_gather_object(offered)
+        for key, write_back in self._write_backs.items():
+            rows = write_back.claim([entry[key] for entry in gathered])
+            if rows:
+                record = pending[key]
+                write_back.add(
+                    self.online_teacher(key, device),
+                    [record["ids"][row] for row in rows],
+                    record["pixels"][rows],
+                    [record["frames"][row] for row in rows],
+                )
+
+    def end_epoch(self) -> None:
+        """Commit the features written back this epoch and rewrite the stores' manifests.
+
+        Every rank calls this at the same point, after its last step of the epoch; the data
+        loader workers reopen the stores when the next epoch starts and read these samples.
+        """
+        # NOTE: every rank knows every claim, so all skip together once a store is full.
+        if not any(write_back.changed for write_back in self._write_backs.values()):
+            return
+        for write_back in self._write_backs.values():
+            write_back.commit()
+        barrier()
+        if get_rank() == 0:
+            for write_back in self._write_backs.values():
+                write_back.finalize()
+
+    def end_training(self, synchronize: bool = True) -> None:
+        """Commit what was written back, rewrite the manifests and release the stores.
+
+        Args:
+            synchronize: every rank calls this at the same point (a run that ended
+                normally); False after an error: this rank only commits and releases.
+        """
+        if not self._write_backs:
+            return
+        try:
+            changed = any(write_back.changed for write_back in self._write_backs.values())
+            for write_back in self._write_backs.values():
+                write_back.commit()
+            if synchronize and changed:
+                barrier()
+                if get_rank() == 0:
+                    for write_back in self._write_backs.values():
+                        write_back.finalize()
+        except Exception as error:
+            if synchronize:
+                raise
+            logger.warning("write-back: could not commit the last features (%s)", error)
+        finally:
+            for write_back in self._write_backs.values():
+                write_back.release()
 
     @staticmethod
     def aligned_pair(
@@ -517,6 +644,14 @@ class Distiller(nn.Module):
         return dropped if len(dropped) < len(self.teacher_plans) else set()
 
 
+def _finite_sum(values: Any) -> torch.Tensor:
+    """Sum of every tensor in nested lists / tuples / dicts, non-finite entries as 0 (a float32 scalar)."""
+    if torch.is_tensor(values):
+        return values.float().nan_to_num(0.0, 0.0, 0.0).sum()
+    sums = [_finite_sum(item) for item in (values.values() if isinstance(values, Mapping) else values)]
+    return torch.stack(sums).sum() if sums else torch.zeros(())
+
+
 def _check_store_matches(key: str, store: Any, teacher: Any) -> None:
     """A store made with other weights, preprocessing or specs than the live teacher is refused."""
     from vfmkd.features.store import describe_differences
@@ -531,6 +666,65 @@ def _check_store_matches(key: str, store: Any, teacher: Any) -> None:
             f"teachers.{key}: the live teacher differs from the one that made the store at "
             f"'{store.path}':\n  " + "\n  ".join(differences)
         )
+
+
+def _start_write_backs(config: ExperimentConfig, teachers: Mapping[str, TeacherPlan]) -> None:
+    """Open (or create) the store of every teacher with ``write_back`` for writing.
+
+    A store that does not exist yet is made as ``vfmkd features extract`` would make it for
+    the training split: float16, the teacher's features and fingerprint.
+    """
+    from vfmkd.distillation.write_back import StoreWriteBack
+    from vfmkd.features.store import FeatureStore, FeatureStoreError, StoreHeader
+
+    started: list[StoreWriteBack] = []
+    try:
+        for key, plan in teachers.items():
+            if not plan.config.write_back:
+                continue
+            teacher, teacher_config = plan.teacher, plan.config
+            weights = teacher_config.model_path
+            random_init = teacher_config.allow_random_init and (weights is None or not Path(weights).is_file())
+            new_store = StoreHeader(
+                teacher=teacher.name,
+                fingerprint_fields=teacher.fingerprint_fields(),
+                codec="float16",
+                specs=dict(teacher.feature_specs),
+                split=config.data.train_split,
+                data_source=config.data.dataset,
+                data_resolved=_resolved_data(config.data.dataset),
+                build_args={
+                    "teacher": plan.registry_name,
+                    "weights": str(Path(weights).resolve()) if weights and not random_init else None,
+                    "random_init": bool(random_init),
+                    "seed": teacher_config.random_init_seed,
+                    "features": teacher_config.features,
+                    "image_size": teacher_config.image_size,
+                },
+            )
+            try:
+                plan.write_back = StoreWriteBack.open(key, teacher_config.feature_path, teacher, new_store)
+            except FeatureStoreError as error:
+                raise ConfigError(
+                    f"teachers.{key}.write_back: {error}\n(or set write_back: false to train without filling the store)"
+                ) from None
+            started.append(plan.write_back)
+            if plan.store is None:
+                plan.store = FeatureStore.open(teacher_config.feature_path)
+    except BaseException:
+        for write_back in started:
+            write_back.release()
+        raise
+
+
+def _resolved_data(dataset: str) -> str | None:
+    """The data set's resolved file or folder (for ``vfmkd features verify``), None if it cannot be resolved."""
+    from vfmkd.datasets import resolve_dataset
+
+    try:
+        return str(resolve_dataset(dataset).source.resolve())
+    except Exception:  # noqa: BLE001 - only a manifest field; the trainer reports data problems
+        return None
 
 
 def build_distiller(config: ExperimentConfig, model: nn.Module, *, has_labels: bool = True) -> Distiller | None:
@@ -551,6 +745,7 @@ def build_distiller(config: ExperimentConfig, model: nn.Module, *, has_labels: b
         for task, prefix in TASK_TERMS.items()
         if task in config.distillation.losses
     }
+    _start_write_backs(config, teachers)
     distiller = Distiller(config, model, teachers, terms, task_weights, task_losses=has_labels)
     if not has_labels:
         logger.info("the training data has no labels: distillation terms only, no task losses")

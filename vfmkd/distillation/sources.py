@@ -7,14 +7,15 @@ resumable). Offline samples read their cached maps in the worker
 together with the frame each record was computed in; on the device the maps are warped
 into the student's frame (:func:`offline_features`). Online samples run the teacher on
 the augmented image itself (:func:`online_features`). A sample missing from the store is
-computed online.
+computed online; with ``write_back`` its primary image is also prepared for the store
+(see :mod:`vfmkd.distillation.write_back`).
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from torch.utils.data import Dataset
 from vfmkd.geometry import Frame, merge_tiles, warp_features_batch
 
 OFFLINE_KEY = "teacher_offline"
+WRITE_BACK_KEY = "teacher_write_back"
 
 
 @dataclass(frozen=True)
@@ -34,12 +36,16 @@ class OfflinePlan:
         store_path: the feature store's folder.
         features: feature names to read.
         offline_ratio: probability that a sample is served from the store.
+        write_back: the teacher's CPU preprocessing (``image [H, W, 3] uint8 -> (pixels
+            [3, S, S], frame)``) when samples missing from the store are written back;
+            None otherwise.
     """
 
     teacher: str
     store_path: str
     features: tuple[str, ...]
     offline_ratio: float
+    write_back: Callable[[np.ndarray], tuple[torch.Tensor, Frame]] | None = None
 
 
 class DistillationDataset(Dataset):
@@ -50,8 +56,16 @@ class DistillationDataset(Dataset):
     per source image of the sample) and ``frames`` (T teacher frames). The draw uses
     python's ``random``, which the trainer seeds per sample and epoch.
 
+    For a plan with ``write_back``, ``sample["teacher_write_back"][teacher]`` holds, when the
+    sample's primary image is missing from the store, that image loaded clean and
+    preprocessed for the teacher: ``id``, ``pixels`` (float32 ``[3, S, S]``) and ``frame``
+    (a :meth:`~vfmkd.geometry.Frame.to_dict`). Such a plan's store is reopened whenever the
+    epoch changes (:meth:`set_epoch`, which the trainer's sampler wrapper calls in every
+    worker), so samples written during an epoch are read offline from the next one on.
+
     Args:
-        dataset: the training data set (samples with ``source_ids`` and ``frames``).
+        dataset: the training data set (samples with ``source_ids`` and ``frames``; with
+            write-back also ``ids`` and ``load_raw(index)``).
         plans: one per teacher with a store.
     """
 
@@ -59,15 +73,29 @@ class DistillationDataset(Dataset):
         self.dataset = dataset
         self.plans = list(plans)
         self._stores: dict[str, Any] = {}
+        self._writes_back = any(plan.write_back is not None for plan in self.plans)
+        if self._writes_back and not (hasattr(dataset, "ids") and hasattr(dataset, "load_raw")):
+            raise TypeError(
+                f"write_back needs a data set with `ids` and `load_raw(index)`; {type(dataset).__name__} has not"
+            )
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getattr__(self, name: str) -> Any:
-        # NOTE: the trainer and evaluator reach through to transform, names, set_epoch...
-        if name in ("dataset", "plans", "_stores"):
+        # NOTE: the trainer and evaluator reach through to transform, names, ids...
+        if name in ("dataset", "plans", "_stores", "_writes_back"):
             raise AttributeError(name)
         return getattr(self.dataset, name)
+
+    def set_epoch(self, epoch: int) -> None:
+        """A new epoch: reopen write-back stores (they may hold new shards) and tell the data set."""
+        for plan in self.plans:
+            if plan.write_back is not None:
+                self._stores.pop(plan.teacher, None)
+        inner = getattr(self.dataset, "set_epoch", None)
+        if callable(inner):
+            inner(epoch)
 
     def _store(self, plan: OfflinePlan) -> Any:
         # Opened lazily in each worker process: memory maps do not cross a fork well.
@@ -102,7 +130,25 @@ class DistillationDataset(Dataset):
                 "frames": [store.frame(source_id) for source_id in source_ids],
             }
         sample[OFFLINE_KEY] = offline
+        if self._writes_back:
+            sample[WRITE_BACK_KEY] = self._write_back_inputs(index)
         return sample
+
+    def _write_back_inputs(self, index: int) -> dict[str, dict[str, Any]]:
+        """Per write-back teacher whose store lacks the primary image: its clean teacher input."""
+        sample_id = self.dataset.ids[index]  # type: ignore[attr-defined]
+        inputs: dict[str, dict[str, Any]] = {}
+        raw = None
+        for plan in self.plans:
+            if plan.write_back is None or sample_id in self._store(plan):
+                continue
+            if raw is None:
+                raw = self.dataset.load_raw(index)  # type: ignore[attr-defined]
+            if raw["id"] != sample_id:
+                break  # unreadable: load_raw substituted another image
+            pixels, frame = plan.write_back(raw["image"])
+            inputs[plan.teacher] = {"id": sample_id, "pixels": pixels, "frame": frame.to_dict()}
+        return inputs
 
 
 def collate_with_teacher_features(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -111,10 +157,24 @@ def collate_with_teacher_features(samples: list[dict[str, Any]]) -> dict[str, An
     Adds ``teacher_offline``: teacher -> dict with ``samples`` (int64 ``[B_off]``, the batch
     rows served offline), ``tile_sample`` (int64 ``[T]``, row of each record), ``features``
     (name -> ``[T, C, H, W]``), ``teacher_frames`` and ``student_frames`` (T frames each).
+    Samples of a write-back data set add ``teacher_write_back``: teacher -> dict with
+    ``ids`` (N), ``pixels`` (float32 ``[N, 3, S, S]``) and ``frames`` (N frame dicts), the
+    batch's primary images missing from that teacher's store (empty dict when none is).
     """
     from vfmkd.datasets.collate import collate_samples
 
     batch = collate_samples(samples)
+    if any(WRITE_BACK_KEY in sample for sample in samples):
+        pending: dict[str, dict[str, Any]] = {}
+        for sample in samples:
+            for teacher, item in sample.get(WRITE_BACK_KEY, {}).items():
+                entry = pending.setdefault(teacher, {"ids": [], "pixels": [], "frames": []})
+                entry["ids"].append(item["id"])
+                entry["pixels"].append(item["pixels"])
+                entry["frames"].append(item["frame"])
+        for entry in pending.values():
+            entry["pixels"] = torch.stack(entry["pixels"])
+        batch[WRITE_BACK_KEY] = pending
     teachers = sorted({name for sample in samples for name in sample.get(OFFLINE_KEY, {})})
     gathered: dict[str, Any] = {}
     for teacher in teachers:

@@ -45,7 +45,14 @@ from vfmkd.features.store import (
 from vfmkd.geometry import Frame
 from vfmkd.teachers.base import BaseTeacher
 
-__all__ = ["cpu_preprocessor", "default_shard_size", "extract_features", "resolve_device", "verify_against_teacher"]
+__all__ = [
+    "BackgroundWriter",
+    "cpu_preprocessor",
+    "default_shard_size",
+    "extract_features",
+    "resolve_device",
+    "verify_against_teacher",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -133,8 +140,12 @@ def _collate(
 
 
 # --------------------------------------------------------------------------- writer side
-class _BackgroundWriter:
-    """Runs a :class:`ShardWriter` in a thread fed by a bounded queue."""
+class BackgroundWriter:
+    """Runs a :class:`ShardWriter` in a thread fed by a bounded queue.
+
+    Used by extraction and by training's write-back: the caller's thread computes the
+    next batch while this one encodes and commits shards.
+    """
 
     _STOP = object()
 
@@ -300,7 +311,7 @@ def _run(
         pin_memory=device.type == "cuda",
         persistent_workers=False,
     )
-    background = _BackgroundWriter(writer)
+    background = BackgroundWriter(writer)
     skipped = 0
     bar = tqdm(total=len(samples), unit="img", desc="extract", disable=not progress, dynamic_ncols=True)
     try:

@@ -33,7 +33,9 @@ import errno
 import hashlib
 import json
 import logging
+import os
 import re
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -802,7 +804,9 @@ class ShardWriter:
 class StoreLock:
     """An exclusive lock on a store directory while one extraction writes to it.
 
-    Released when the holder exits, even on SIGKILL (``flock``).
+    Released when the holder exits, even on SIGKILL (``flock``). A process forked while
+    the lock is held (a DataLoader worker) closes its inherited copy at once, so the lock
+    ends with its holder and not with that holder's last child.
     """
 
     def __init__(self, root: str | Path) -> None:
@@ -827,12 +831,31 @@ class StoreLock:
                 ) from error
             raise
         self._handle = handle
+        _HELD_LOCKS.add(self)
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
+        _HELD_LOCKS.discard(self)
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+
+
+_HELD_LOCKS: "weakref.WeakSet[StoreLock]" = weakref.WeakSet()
+
+
+def _close_inherited_locks() -> None:
+    # NOTE: flock belongs to the open file, which a fork shares: a persistent worker that
+    # kept the descriptor would keep the store locked after its parent released it.
+    for lock in list(_HELD_LOCKS):
+        if lock._handle is not None:
+            lock._handle.close()
+            lock._handle = None
+    _HELD_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_locks)
 
 
 # --------------------------------------------------------------------------- reader
