@@ -119,14 +119,15 @@ class DistillationDataset(Dataset):
             if not use_store or any(source_id not in store for source_id in source_ids):
                 offline[plan.teacher] = None
                 continue
-            records = [store.read(source_id) for source_id in source_ids]
+            # NOTE: maps travel as the store's float16 (copied straight from the memory
+            # map, no decode); global vectors stay float32.
+            spatial = [name for name in plan.features if store.specs[name].stride]
+            vectors = [name for name in plan.features if not store.specs[name].stride]
+            maps = store.read_many(source_ids, spatial, dtype=np.float16) if spatial else {}
+            if vectors:
+                maps.update(store.read_many(source_ids, vectors))
             offline[plan.teacher] = {
-                "features": {
-                    name: torch.from_numpy(np.stack([record[name] for record in records])).to(torch.float16)
-                    if store.specs[name].stride
-                    else torch.from_numpy(np.stack([record[name] for record in records]))
-                    for name in plan.features
-                },
+                "features": {name: torch.from_numpy(maps[name]) for name in plan.features},
                 "frames": [store.frame(source_id) for source_id in source_ids],
             }
         sample[OFFLINE_KEY] = offline
