@@ -6,7 +6,7 @@ For each student (backbone + its default neck + a YOLOv8 detection head, 80 clas
 forward+backward images/s on the CPU (batch ``--batch``, float32, median of
 ``--repeats`` timed steps after one warm-up step).
 
-    python benchmarks/bench_students.py [--sizes 320,640] [--batch 1] [--repeats 3] [--only yolov8_n,vit_tiny]
+    python benchmarks/bench_students.py [--sizes 320,640] [--batch 1] [--repeats 3] [--only yolov8_n,vit_tiny] [--skip-speed]
 
 Prints a markdown table and writes benchmarks/results/students.json.
 """
@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", default="", help="comma-separated student names")
+    parser.add_argument("--skip-speed", action="store_true", help="parameters and GFLOPs only")
     args = parser.parse_args()
     sizes = [int(value) for value in args.sizes.split(",")]
     names = [name for name in STUDENTS if not args.only or name in args.only.split(",")]
@@ -96,7 +97,9 @@ def main() -> None:
             model = build(STUDENTS[name], size)
             row["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
             row[f"gflops_{size}"] = gflops(model, size)
-            row[f"train_img_s_{size}"] = train_images_per_second(model, size, args.batch, args.repeats)
+            row[f"train_img_s_{size}"] = (
+                None if args.skip_speed else train_images_per_second(model, size, args.batch, args.repeats)
+            )
             del model
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -106,7 +109,11 @@ def main() -> None:
     print("\n" + header)
     print("|---|---:|" + "---:|---:|" * len(sizes))
     for row in rows:
-        cells = " | ".join(f"{row[f'gflops_{size}']:.1f} | {row[f'train_img_s_{size}']:.2f}" for size in sizes)
+        cells = " | ".join(
+            f"{row[f'gflops_{size}']:.1f} | "
+            + ("-" if row[f"train_img_s_{size}"] is None else f"{row[f'train_img_s_{size}']:.2f}")
+            for size in sizes
+        )
         print(f"| {row['student']} | {row['params_m']:.2f} | {cells} |")
     out = ROOT / "benchmarks" / "results" / "students.json"
     out.parent.mkdir(parents=True, exist_ok=True)
