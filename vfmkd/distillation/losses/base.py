@@ -21,6 +21,7 @@ on a batch made only of padding.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 from typing import Any, Mapping
 
@@ -90,7 +91,7 @@ def _autocast_disabled(device_type: str) -> contextlib.AbstractContextManager[An
     return contextlib.nullcontext()
 
 
-class FeatureLoss(nn.Module):
+class FeatureLoss(nn.Module, abc.ABC):
     """Base class of the losses in ``vfmkd.registry.LOSSES``.
 
     Every loss is built as ``LOSSES.build(name, student_channels=Cs, teacher_channels=Ct,
@@ -142,6 +143,7 @@ class FeatureLoss(nn.Module):
             teacher = teacher.detach().float().masked_fill(~valid, 0.0)
             return self.compute(student, teacher, valid, targets)
 
+    @abc.abstractmethod
     def compute(
         self,
         student: torch.Tensor,
@@ -160,7 +162,6 @@ class FeatureLoss(nn.Module):
         Returns:
             A float32 scalar.
         """
-        raise NotImplementedError(f"{type(self).__name__} must implement compute()")
 
     def _check_shapes(self, student: torch.Tensor, teacher: torch.Tensor) -> None:
         name = type(self).__name__
