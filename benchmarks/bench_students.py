@@ -8,7 +8,10 @@ forward+backward images/s on the CPU (batch ``--batch``, float32, median of
 
     python benchmarks/bench_students.py [--sizes 320,640] [--batch 1] [--repeats 3] [--only yolov8_n,vit_tiny] [--skip-speed]
 
-Prints a markdown table and writes benchmarks/results/students.json.
+Prints a markdown table of every student measured so far and writes
+benchmarks/results/students.json: the rows of this run replace the same students' figures
+there (size by size), so a run with ``--only`` or ``--sizes`` completes the file rather
+than overwriting it; ``commands`` lists the runs behind the figures.
 """
 
 from __future__ import annotations
@@ -89,38 +92,63 @@ def main() -> None:
     parser.add_argument("--skip-speed", action="store_true", help="parameters and GFLOPs only")
     args = parser.parse_args()
     sizes = [int(value) for value in args.sizes.split(",")]
+    unknown = sorted(set(filter(None, args.only.split(","))) - set(STUDENTS))
+    if unknown:
+        parser.error(f"--only: unknown student(s) {', '.join(unknown)}; choose from {', '.join(STUDENTS)}")
     names = [name for name in STUDENTS if not args.only or name in args.only.split(",")]
-    rows = []
+    out = ROOT / "benchmarks" / "results" / "students.json"
+    command = " ".join(["python", "benchmarks/bench_students.py", *sys.argv[1:]])
+    merged: dict = {"rows": []}
     for name in names:
         row = {"student": name, "config": STUDENTS[name]}
         for size in sizes:
             model = build(STUDENTS[name], size)
             row["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
             row[f"gflops_{size}"] = gflops(model, size)
-            row[f"train_img_s_{size}"] = (
-                None if args.skip_speed else train_images_per_second(model, size, args.batch, args.repeats)
-            )
+            if not args.skip_speed:  # a parameters-only run keeps the speeds already in the file
+                row[f"train_img_s_{size}"] = train_images_per_second(model, size, args.batch, args.repeats)
+                row["batch"] = args.batch
             del model
-        rows.append(row)
         print(json.dumps(row), flush=True)
-    header = "| student | params (M) | " + " | ".join(
-        f"GFLOPs {size} | train img/s {size}" for size in sizes
-    ) + " |"
-    print("\n" + header)
+        merged = merge_results(out, row, command)  # row by row: a run stopped midway keeps what it measured
+    print_table(merged["rows"])
+
+
+def merge_results(path: Path, row: dict, command: str) -> dict:
+    """Fold one student's figures into the results file (atomically) and return its new content."""
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    by_student = {old["student"]: old for old in previous.get("rows", [])}
+    by_student[row["student"]] = {**by_student.get(row["student"], {}), **row}
+    order = list(STUDENTS) + [name for name in by_student if name not in STUDENTS]
+    commands = list(previous.get("commands", [previous["command"]] if "command" in previous else []))
+    if not commands or commands[-1] != command:
+        commands.append(command)
+    merged = {
+        "commands": commands,
+        "rows": [by_student[name] for name in order if name in by_student],
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(merged, indent=2))
+    os.replace(partial, path)
+    return merged
+
+
+def print_table(rows: list[dict]) -> None:
+    sizes = sorted({int(key.rsplit("_", 1)[1]) for row in rows for key in row if key.startswith("gflops_")})
+    print("\n| student | params (M) | " + " | ".join(f"GFLOPs {size} | train img/s {size}" for size in sizes) + " |")
     print("|---|---:|" + "---:|---:|" * len(sizes))
     for row in rows:
-        cells = " | ".join(
-            f"{row[f'gflops_{size}']:.1f} | "
-            + ("-" if row[f"train_img_s_{size}"] is None else f"{row[f'train_img_s_{size}']:.2f}")
-            for size in sizes
-        )
-        print(f"| {row['student']} | {row['params_m']:.2f} | {cells} |")
-    out = ROOT / "benchmarks" / "results" / "students.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "rows": rows, "torch": torch.__version__,
-                               "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-                               "machine": platform.machine(), "load_average": os.getloadavg()}, indent=2))
-
+        cells = []
+        for size in sizes:
+            flops, speed = row.get(f"gflops_{size}"), row.get(f"train_img_s_{size}")
+            cells.append("-" if flops is None else f"{flops:.1f}")
+            cells.append("-" if speed is None else f"{speed:.2f}")
+        print(f"| {row['student']} | {row['params_m']:.2f} | " + " | ".join(cells) + " |")
 
 if __name__ == "__main__":
     main()

@@ -146,6 +146,71 @@ def test_gradients_match_sequential_recurrence() -> None:
         torch.testing.assert_close(leaves[key].grad.double(), references[key].grad, atol=1e-3, rtol=1e-3, msg=key)
 
 
+@pytest.mark.parametrize(("segment_length", "chunk_size"), [(1, 1), (10, 4), (16, 8), (33, None), (200, None)])
+def test_segmented_scan_matches_sequential_recurrence(segment_length: int, chunk_size: int | None) -> None:
+    inputs = _inputs(length=131, groups=2, seed=2)
+    expected, expected_state = sequential_scan(**inputs, delta_softplus=True)
+    output, last_state = selective_scan_chunked(
+        **inputs, delta_softplus=True, return_last_state=True, segment_length=segment_length, chunk_size=chunk_size
+    )
+    torch.testing.assert_close(output.double(), expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(last_state.double(), expected_state, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("segment_length", [7, 16, 70])
+def test_recomputed_gradients_match_sequential_recurrence(segment_length: int) -> None:
+    # The loss reads the last state as well as the output, so the gradient arriving at the
+    # last state must flow back through every segment's recomputation.
+    inputs = _inputs(length=70, groups=2, seed=4)
+    generator = torch.Generator().manual_seed(6)
+    weights = torch.randn(inputs["u"].shape, generator=generator)
+    state_weights = torch.randn(2, 8, 4, generator=generator)
+
+    leaves = {key: value.clone().requires_grad_(True) for key, value in inputs.items()}
+    output, last_state = selective_scan_chunked(
+        **leaves, delta_softplus=True, return_last_state=True, segment_length=segment_length, chunk_size=4
+    )
+    ((output * weights).sum() + (last_state * state_weights).sum()).backward()
+
+    references = {key: value.double().requires_grad_(True) for key, value in inputs.items()}
+    expected, expected_state = sequential_scan(**references, delta_softplus=True)
+    ((expected * weights.double()).sum() + (expected_state * state_weights.double()).sum()).backward()
+    for key in inputs:
+        assert leaves[key].grad is not None, key
+        torch.testing.assert_close(leaves[key].grad.double(), references[key].grad, atol=1e-3, rtol=1e-3, msg=key)
+
+
+def test_gradients_only_for_inputs_that_need_them() -> None:
+    inputs = _inputs(length=40, seed=7)
+    inputs["u"].requires_grad_(True)
+    inputs["A"].requires_grad_(True)
+    selective_scan_chunked(**inputs, delta_softplus=True, segment_length=16).sum().backward()
+    assert inputs["u"].grad is not None and inputs["A"].grad is not None
+    assert all(inputs[key].grad is None for key in ("delta", "B", "C", "D", "z", "delta_bias"))
+
+
+def test_backward_keeps_inputs_and_segment_states_not_intermediates() -> None:
+    # Autograd through the whole chunked scan would keep several [B, D, N, L] tensors; the
+    # recomputed scan keeps its inputs plus one [B, D, N] state per segment.
+    batch, channels, state_size, length, segment_length = 2, 8, 16, 512, 32
+    inputs = _inputs(batch=batch, channels=channels, length=length, state_size=state_size, groups=2)
+    leaves = {key: value.requires_grad_(True) for key, value in inputs.items()}
+    saved: list[int] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        output = selective_scan_chunked(**leaves, delta_softplus=True, segment_length=segment_length)
+    output.sum().backward()
+    input_elements = sum(value.numel() for value in inputs.values())
+    state_elements = (length // segment_length) * batch * channels * state_size
+    assert sum(saved) <= input_elements + state_elements
+    assert sum(saved) < batch * channels * state_size * length
+    assert all(value.grad is not None for value in leaves.values())
+
+
 def test_low_precision_input_gives_output_in_that_dtype() -> None:
     inputs = _inputs(length=20)
     inputs["u"] = inputs["u"].bfloat16()

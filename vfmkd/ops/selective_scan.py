@@ -14,22 +14,30 @@ Per channel ``d`` and state index ``n``, with ``delta`` the step size:
 :func:`selective_scan` calls mamba_ssm's CUDA kernel when that package is importable and
 the tensors live on a CUDA device, and :func:`selective_scan_chunked` otherwise.
 
-The PyTorch path never loops over the sequence length. It cuts the sequence into chunks
-of ``T`` steps and works on all chunks at once:
+The PyTorch path never loops over the sequence length. It cuts the sequence into
+segments (sized so that one segment's ``[steps, B, D, N]`` intermediates stay small,
+:data:`SEGMENT_ELEMENTS`), scans the segments one
+after another, carrying the state, and cuts each segment into chunks of ``T`` steps that
+it works on all at once:
 
-1. Chunk summaries in log space: with ``S_t`` the cumulative sum of ``delta * A`` inside a
-   chunk, the state a chunk produces from a zero start is ``sum_s exp(S_T - S_s) deltaB_u_s``
-   and its total decay is ``exp(S_T)``. Differences of cumulative sums within one chunk
-   are never positive (``delta >= 0``, ``A <= 0``), so nothing overflows, and they stay
-   small enough in float32 that no precision is lost to cancellation.
-2. A loop over the ``L / T`` chunks carries the state from chunk to chunk (tensors of
+1. Chunk summaries: a loop over the ``T`` positions, run for every chunk in parallel from
+   a zero state, gives the state each chunk adds; ``exp`` of the chunk's summed
+   ``delta * A`` is how much it decays a state passing through.
+2. A loop over the chunks carries the state from chunk to chunk (tensors of
    ``[B, D, N]`` per step).
 3. A loop over the ``T`` positions of a chunk, run for every chunk in parallel from its
-   carried state, gives the outputs; it multiplies decays no larger than one, exactly as
-   the sequential recurrence does.
+   carried state, gives the states, and one batched product with ``C`` the outputs.
 
-So the Python loops run ``T + L / T`` times (``T`` near ``sqrt(L)`` by default) instead of
-``L`` times, all arithmetic is float32, and autograd gives the gradients.
+All decays multiplied are at most one, exactly as in the sequential recurrence, and all
+arithmetic is float32. The Python loops run about ``2T + S / T`` times for a segment of
+``S`` steps, the whole sequence when ``B * D * N * L`` is small; a long sequence takes more
+segments, but every loop step then works on ``[S / T, B, D, N]`` tensors of at least
+``SEGMENT_ELEMENTS / T`` elements, so the interpreter's share of the time stays small.
+
+Backward keeps only the inputs and one ``[B, D, N]`` state per segment: it recomputes one
+segment at a time from its saved start state and lets autograd differentiate it
+(:class:`_RecomputedScan`). Autograd over the whole sequence would instead keep several
+``[B, D, N, L]`` tensors per call, more memory than a CPU has for a VMamba at 640 px.
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +56,9 @@ logger = logging.getLogger(__name__)
 
 MIN_CHUNK_SIZE = 8
 MAX_CHUNK_SIZE = 128
+SEGMENT_ELEMENTS = 1 << 22
+"""Default segment size: steps per segment times ``B * D * N`` stays under this (16 MiB per
+float32 intermediate; on a 2-core CPU, 4 to 32 MiB ran fastest, 4x larger took twice as long)."""
 
 ScanResult = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
@@ -130,8 +141,9 @@ def selective_scan_chunked(
     return_last_state: bool = False,
     *,
     chunk_size: int | None = None,
+    segment_length: int | None = None,
 ) -> ScanResult:
-    """The selective scan in PyTorch, chunked (see the module docstring); any device.
+    """The selective scan in PyTorch, chunked and segmented (see the module docstring); any device.
 
     Args:
         u: ``[B, D, L]`` input sequence.
@@ -144,8 +156,11 @@ def selective_scan_chunked(
         delta_bias: ``[D]`` step-size bias.
         delta_softplus: Apply softplus to ``delta + delta_bias``.
         return_last_state: Also return the last state.
-        chunk_size: Steps per chunk; default a power of two near ``sqrt(L)`` within
-            ``[8, 128]`` (``L`` itself when shorter). Results do not depend on it beyond float32 rounding.
+        chunk_size: Steps per chunk; default a power of two near ``sqrt(segment_length)``
+            within ``[8, 128]`` (the segment length itself when shorter).
+        segment_length: Steps per segment; default as many as keep one ``[B, D, N]`` tensor
+            per step under :data:`SEGMENT_ELEMENTS` elements. Results depend on neither
+            size beyond float32 rounding.
 
     Returns:
         ``[B, D, L]`` output in ``u``'s dtype, and with ``return_last_state`` also the
@@ -153,10 +168,186 @@ def selective_scan_chunked(
     """
     batch, channels, length = _check_shapes(u, delta, A, B, C, D, z, delta_bias)
     state_size = A.shape[1]
+    if segment_length is None:
+        segment_length = max(MIN_CHUNK_SIZE, SEGMENT_ELEMENTS // max(batch * channels * state_size, 1))
+    elif segment_length < 1:
+        raise ValueError(f"segment_length must be positive, got {segment_length}")
+    segment_length = min(segment_length, max(length, 1))
     if chunk_size is None:
-        chunk_size = _default_chunk_size(length)
+        chunk_size = _default_chunk_size(segment_length)
     elif chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+
+    tensors = (u, delta, A, B, C, D, z, delta_bias)
+    if torch.is_grad_enabled() and any(tensor is not None and tensor.requires_grad for tensor in tensors):
+        output, last_state = _RecomputedScan.apply(*tensors, delta_softplus, segment_length, chunk_size)
+    else:
+        output, last_state, _ = _scan_segments(*tensors, delta_softplus, segment_length, chunk_size)
+    if return_last_state:
+        return output, last_state
+    return output
+
+
+class _RecomputedScan(torch.autograd.Function):
+    """The segmented scan, keeping only its inputs and one state per segment for backward.
+
+    Backward walks the segments last to first: it reruns one segment's forward from its
+    saved start state with autograd on, back-propagates the output gradient together with
+    the gradient arriving at the segment's last state, and hands the gradient of the start
+    state to the segment before. Peak memory is one segment's intermediates.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        u: torch.Tensor,
+        delta: torch.Tensor,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        C: torch.Tensor,
+        D: torch.Tensor | None,
+        z: torch.Tensor | None,
+        delta_bias: torch.Tensor | None,
+        delta_softplus: bool,
+        segment_length: int,
+        chunk_size: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        output, last_state, start_states = _scan_segments(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, segment_length, chunk_size
+        )
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, *start_states)
+        ctx.options = (delta_softplus, segment_length, chunk_size)
+        return output, last_state
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_output: torch.Tensor, grad_last_state: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        u, delta, A, B, C, D, z, delta_bias, *start_states = ctx.saved_tensors
+        delta_softplus, segment_length, chunk_size = ctx.options
+        sequences = {"u": u, "delta": delta, "B": B, "C": C, "z": z}
+        shared = {"A": A, "D": D, "delta_bias": delta_bias}
+        order = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+        needs = dict(zip(order, ctx.needs_input_grad))
+        shared_leaves = {
+            name: None if tensor is None else tensor.detach().requires_grad_(needs[name])
+            for name, tensor in shared.items()
+        }
+        sequence_grads: dict[str, list[torch.Tensor]] = {name: [] for name in sequences}
+        shared_grads: dict[str, torch.Tensor | None] = dict.fromkeys(shared)
+        grad_state = grad_last_state
+        length = u.shape[-1]
+        for index, start in reversed(list(enumerate(range(0, length, segment_length)))):
+            end = min(start + segment_length, length)
+            leaves = {
+                name: None
+                if tensor is None
+                else tensor.detach()[..., start:end].requires_grad_(needs[name])
+                for name, tensor in sequences.items()
+            }
+            initial_state = None if index == 0 else start_states[index - 1].detach().requires_grad_(True)
+            with torch.enable_grad():
+                output, last_state = _scan_chunks(
+                    **leaves,  # type: ignore[arg-type]
+                    **shared_leaves,  # type: ignore[arg-type]
+                    delta_softplus=delta_softplus,
+                    initial_state=initial_state,
+                    chunk_size=chunk_size,
+                )
+                targets = {
+                    name: tensor
+                    for name, tensor in (*leaves.items(), *shared_leaves.items())
+                    if tensor is not None and tensor.requires_grad
+                }
+                if initial_state is not None:
+                    targets["initial_state"] = initial_state
+                results = torch.autograd.grad(
+                    (output, last_state),
+                    tuple(targets.values()),
+                    (grad_output[..., start:end], grad_state),
+                    allow_unused=True,
+                )
+            gradients = dict(zip(targets, results))
+            for name in sequences:
+                if name in gradients:
+                    sequence_grads[name].append(_or_zeros(gradients[name], leaves[name]))
+            for name in shared:
+                if name in gradients:
+                    gradient = _or_zeros(gradients[name], shared_leaves[name])
+                    previous = shared_grads[name]
+                    shared_grads[name] = gradient if previous is None else previous + gradient
+            grad_state = gradients.get("initial_state")
+        merged = {name: torch.cat(grads[::-1], dim=-1) if grads else None for name, grads in sequence_grads.items()}
+        merged.update(shared_grads)
+        return (*(merged[name] for name in order), None, None, None)
+
+
+def _or_zeros(gradient: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor:
+    assert like is not None
+    return torch.zeros_like(like) if gradient is None else gradient
+
+
+def _scan_segments(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    delta_bias: torch.Tensor | None,
+    delta_softplus: bool,
+    segment_length: int,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Scan segment after segment; return the output, the last state and each later segment's start state."""
+    length = u.shape[-1]
+    outputs: list[torch.Tensor] = []
+    start_states: list[torch.Tensor] = []
+    state: torch.Tensor | None = None
+    for start in range(0, length, segment_length):
+        end = min(start + segment_length, length)
+        if state is not None:
+            start_states.append(state)
+        output, state = _scan_chunks(
+            u[..., start:end],
+            delta[..., start:end],
+            A,
+            B[..., start:end],
+            C[..., start:end],
+            D,
+            None if z is None else z[..., start:end],
+            delta_bias,
+            delta_softplus=delta_softplus,
+            initial_state=state,
+            chunk_size=chunk_size,
+        )
+        outputs.append(output)
+    if state is None:  # an empty sequence
+        output, state = _scan_chunks(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus=delta_softplus, initial_state=None, chunk_size=1
+        )
+        return output, state, start_states
+    return torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0], state, start_states
+
+
+def _scan_chunks(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    delta_bias: torch.Tensor | None,
+    *,
+    delta_softplus: bool,
+    initial_state: torch.Tensor | None,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One segment: the chunked scan from ``initial_state`` (zero when None); (output, last state)."""
+    batch, channels, length = u.shape
+    state_size = A.shape[1]
     num_chunks = max(1, math.ceil(length / chunk_size))
     padding = num_chunks * chunk_size - length
 
@@ -188,41 +379,43 @@ def selective_scan_chunked(
     grid = (chunk_size, num_chunks, batch)
 
     log_decay = step_t.unsqueeze(-1) * A.float()  # [T, c, B, D, N]
+    decays = torch.exp(log_decay)
     state_inputs = (
         stepped_input_t.view(*grid, groups_in, channels // groups_in, 1) * input_matrix_t.unsqueeze(-2)
     ).view(*grid, channels, state_size)  # [T, c, B, D, N]
+    decay_rows, input_rows = decays.unbind(0), state_inputs.unbind(0)
 
-    # 1. What each chunk adds to the state, and how much it decays a state passing through.
-    cumulative_log_decay = torch.cumsum(log_decay, dim=0)
-    chunk_end_log_decay = cumulative_log_decay[-1]  # [c, B, D, N]
-    chunk_states = (torch.exp(chunk_end_log_decay - cumulative_log_decay) * state_inputs).sum(dim=0)
-    chunk_decays = torch.exp(chunk_end_log_decay)
+    # 1. What each chunk adds to a zero state, and how much it decays a state passing through.
+    chunk_states = input_rows[0]
+    for decay, state_input in zip(decay_rows[1:], input_rows[1:]):
+        chunk_states = torch.addcmul(state_input, decay, chunk_states)
+    chunk_decays = torch.exp(log_decay.sum(dim=0))  # [c, B, D, N]
 
     # 2. Carry the state across chunks.
-    start_states = [torch.zeros_like(chunk_states[0])]
-    for chunk_decay, chunk_state in zip(chunk_decays.unbind(0)[:-1], chunk_states.unbind(0)[:-1]):
-        start_states.append(chunk_decay * start_states[-1] + chunk_state)
+    if initial_state is None:
+        initial_state = torch.zeros_like(chunk_states[0])
+    start_states = [initial_state.float()]
+    for chunk_decay, chunk_state in zip(chunk_decays.unbind(0), chunk_states.unbind(0)):
+        start_states.append(torch.addcmul(chunk_state, chunk_decay, start_states[-1]))
+    last_state = start_states.pop()
     state = torch.stack(start_states, dim=0)  # [c, B, D, N]
 
-    # 3. Every chunk in parallel from its start state, one position at a time.
-    outputs = []
-    output_view = (num_chunks, batch, groups_out, channels // groups_out, state_size)
-    for decay, state_input, output_row in zip(
-        torch.exp(log_decay).unbind(0), state_inputs.unbind(0), output_matrix_t.unbind(0)
-    ):
-        state = decay * state + state_input
-        outputs.append(torch.matmul(state.view(output_view), output_row.unsqueeze(-1)))  # [c, B, G_c, D / G_c, 1]
-    output = torch.stack(outputs, dim=0).view(chunk_size, num_chunks, batch, channels)
+    # 3. Every chunk in parallel from its start state, one position at a time; then all
+    # outputs y_t = C_t . h_t in one batched product.
+    states = []
+    for decay, state_input in zip(decay_rows, input_rows):
+        state = torch.addcmul(state_input, decay, state)
+        states.append(state)
+    all_states = torch.stack(states, dim=0).view(*grid, groups_out, channels // groups_out, state_size)
+    output = torch.matmul(all_states, output_matrix_t.unsqueeze(-1))  # [T, c, B, G_c, D / G_c, 1]
+    output = output.view(chunk_size, num_chunks, batch, channels)
     output = output.permute(2, 3, 1, 0).reshape(batch, channels, num_chunks * chunk_size)[..., :length]
 
     if D is not None:
         output = output + input_float * D.float()[:, None]
     if z is not None:
         output = output * F.silu(z.float())
-    output = output.to(u.dtype)
-    if return_last_state:
-        return output, state[-1]
-    return output
+    return output.to(u.dtype), last_state
 
 
 def _default_chunk_size(length: int) -> int:
