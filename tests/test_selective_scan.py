@@ -220,6 +220,17 @@ def test_low_precision_input_gives_output_in_that_dtype() -> None:
     torch.testing.assert_close(output.double(), expected, atol=5e-2, rtol=2e-2)
 
 
+def test_scan_stays_float32_under_autocast() -> None:
+    inputs = {key: value.requires_grad_(True) for key, value in _inputs(length=50, groups=2).items()}
+    expected, _ = sequential_scan(**{key: value.detach() for key, value in inputs.items()}, delta_softplus=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = selective_scan(**inputs, delta_softplus=True)
+    assert output.dtype == torch.float32
+    torch.testing.assert_close(output.double(), expected, atol=1e-4, rtol=0)
+    output.sum().backward()
+    assert all(torch.isfinite(value.grad).all() for value in inputs.values())
+
+
 def test_cpu_tensors_never_reach_the_cuda_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     def kernel(*args: object) -> None:
         raise AssertionError("the CUDA kernel was called for CPU tensors")

@@ -345,7 +345,41 @@ def _scan_chunks(
     initial_state: torch.Tensor | None,
     chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One segment: the chunked scan from ``initial_state`` (zero when None); (output, last state)."""
+    """One segment: the chunked scan from ``initial_state`` (zero when None); (output, last state).
+
+    Autocast is off inside: the scan is float32 whatever the caller's autocast, so the
+    backward recomputation (which runs outside any autocast) rebuilds the same values.
+    """
+    with torch.autocast(u.device.type, enabled=False):
+        return _scan_chunks_float32(
+            u,
+            delta,
+            A,
+            B,
+            C,
+            D,
+            z,
+            delta_bias,
+            delta_softplus=delta_softplus,
+            initial_state=initial_state,
+            chunk_size=chunk_size,
+        )
+
+
+def _scan_chunks_float32(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    delta_bias: torch.Tensor | None,
+    *,
+    delta_softplus: bool,
+    initial_state: torch.Tensor | None,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     batch, channels, length = u.shape
     state_size = A.shape[1]
     num_chunks = max(1, math.ceil(length / chunk_size))
