@@ -59,6 +59,9 @@ MAX_CHUNK_SIZE = 128
 SEGMENT_ELEMENTS = 1 << 22
 """Default segment size: steps per segment times ``B * D * N`` stays under this (16 MiB per
 float32 intermediate; on a 2-core CPU, 4 to 32 MiB ran fastest, 4x larger took twice as long)."""
+SEGMENT_ELEMENTS_CUDA = 1 << 26
+"""The same on a GPU without mamba_ssm (256 MiB per intermediate): there every loop step is a
+kernel launch, so fewer, larger segments win. Chosen by that reasoning, not yet timed."""
 
 ScanResult = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
@@ -159,8 +162,8 @@ def selective_scan_chunked(
         chunk_size: Steps per chunk; default a power of two near ``sqrt(segment_length)``
             within ``[8, 128]`` (the segment length itself when shorter).
         segment_length: Steps per segment; default as many as keep one ``[B, D, N]`` tensor
-            per step under :data:`SEGMENT_ELEMENTS` elements. Results depend on neither
-            size beyond float32 rounding.
+            per step under :data:`SEGMENT_ELEMENTS` elements (:data:`SEGMENT_ELEMENTS_CUDA`
+            on a GPU). Results depend on neither size beyond float32 rounding.
 
     Returns:
         ``[B, D, L]`` output in ``u``'s dtype, and with ``return_last_state`` also the
@@ -169,7 +172,8 @@ def selective_scan_chunked(
     batch, channels, length = _check_shapes(u, delta, A, B, C, D, z, delta_bias)
     state_size = A.shape[1]
     if segment_length is None:
-        segment_length = max(MIN_CHUNK_SIZE, SEGMENT_ELEMENTS // max(batch * channels * state_size, 1))
+        budget = SEGMENT_ELEMENTS_CUDA if u.is_cuda else SEGMENT_ELEMENTS
+        segment_length = max(MIN_CHUNK_SIZE, budget // max(batch * channels * state_size, 1))
     elif segment_length < 1:
         raise ValueError(f"segment_length must be positive, got {segment_length}")
     segment_length = min(segment_length, max(length, 1))
