@@ -170,3 +170,27 @@ def test_scan_inputs_are_float32_under_autocast(monkeypatch: pytest.MonkeyPatch)
 def test_small_config_is_the_nano_size() -> None:
     assert MambaBackbone.small_config() == {"size": "nano"}
     assert MambaBackbone(**MambaBackbone.small_config()).size == "nano"
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_and_keeps_less() -> None:
+    torch.manual_seed(0)
+    plain = MambaBackbone("nano", drop_path_rate=0.2)
+    checkpointed = MambaBackbone("nano", drop_path_rate=0.2, grad_checkpointing=True)
+    checkpointed.load_state_dict(plain.state_dict())
+    images = torch.rand(2, 3, 64, 64)
+    gradients, saved_elements = [], []
+    for backbone in (plain, checkpointed):
+        saved: list[int] = []
+
+        def pack(tensor: torch.Tensor, saved: list[int] = saved) -> torch.Tensor:
+            saved.append(tensor.numel())
+            return tensor
+
+        torch.manual_seed(1)  # the same stochastic depth draws; checkpointing replays them
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = sum(level.square().mean() for level in backbone(images).values())
+        loss.backward()
+        gradients.append(backbone.stages[0][0].mixer.input_projection.weight.grad)
+        saved_elements.append(sum(saved))
+    torch.testing.assert_close(gradients[1], gradients[0])
+    assert saved_elements[1] < saved_elements[0] / 2

@@ -38,6 +38,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from vfmkd.models.backbones.base import BaseBackbone
 from vfmkd.ops.selective_scan import selective_scan
@@ -381,6 +382,9 @@ class MambaBackbone(BaseBackbone):
             the blocks (VMamba trained tiny with 0.2; 0 here, the usual choice for a
             distilled student).
         mlp_ratio: Override the size's MLP ratio (VMamba v2 blocks use 4.0).
+        grad_checkpointing: Recompute each VSS block in the backward pass instead of keeping
+            its activations (the cross-scanned sequences and projections, several
+            ``[B, 4D, H*W]`` tensors per block): less memory for one more forward.
 
     Example:
         >>> backbone = MambaBackbone("nano")
@@ -389,7 +393,12 @@ class MambaBackbone(BaseBackbone):
     """
 
     def __init__(
-        self, size: str = "nano", in_channels: int = 3, drop_path_rate: float = 0.0, mlp_ratio: float | None = None
+        self,
+        size: str = "nano",
+        in_channels: int = 3,
+        drop_path_rate: float = 0.0,
+        mlp_ratio: float | None = None,
+        grad_checkpointing: bool = False,
     ) -> None:
         variant = get_mamba_size(size)
         dims = variant.dims
@@ -398,6 +407,7 @@ class MambaBackbone(BaseBackbone):
             feature_strides=dict(_OUTPUT_STRIDES),
         )
         self.size = size
+        self.grad_checkpointing = grad_checkpointing
         self.neck_scale = variant.neck_scale
         block_mlp_ratio = variant.mlp_ratio if mlp_ratio is None else mlp_ratio
         num_blocks = sum(variant.depths)
@@ -443,12 +453,19 @@ class MambaBackbone(BaseBackbone):
             ``p3 [B, 2E, H/8, W/8]``, ``p4 [B, 4E, H/16, W/16]``, ``p5 [B, 8E, H/32, W/32]``
             with ``E`` the embedding width (sizes rounded up).
         """
-        x = self.stages[0](self.patch_embedding(images))
+        x = self._run_stage(self.stages[0], self.patch_embedding(images))
         features: dict[str, torch.Tensor] = {}
         for level, downsample, stage in zip(_OUTPUT_LEVELS, self.downsamples, list(self.stages)[1:]):
-            x = stage(downsample(x))
+            x = self._run_stage(stage, downsample(x))
             features[level] = self.output_norms[level](x).permute(0, 3, 1, 2).contiguous()
         return features
+
+    def _run_stage(self, stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        if not (self.grad_checkpointing and torch.is_grad_enabled()):
+            return stage(x)
+        for block in stage:
+            x = checkpoint(block, x, use_reentrant=False)
+        return x
 
     def default_neck_config(self) -> dict[str, Any]:
         """YOLOv8's PAFPN (``n`` for nano and micro, ``s`` for tiny, ``m`` for small)."""
