@@ -198,7 +198,8 @@ class SAM2Teacher(BaseTeacher):
 
         image = check_rgb_image(image)
         frame = self.frame_for(image.shape[:2])
-        tensor = transforms_functional.to_tensor(image)
+        # ToTensor's arithmetic, on a copy: images decoded by PIL are often read-only arrays.
+        tensor = torch.from_numpy(image.transpose(2, 0, 1).copy()).float().div(255)
         resized = transforms_functional.resize(
             tensor, [self.image_size, self.image_size], interpolation=InterpolationMode.BILINEAR, antialias=True
         )
