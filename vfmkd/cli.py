@@ -169,6 +169,20 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         amp=config.train.amp,
         eval_cfg=config.eval,
     )
+    if not args.no_fidelity:
+        from vfmkd.distillation.fidelity import checkpoint_fidelity
+
+        metrics.update(
+            checkpoint_fidelity(
+                config,
+                args.checkpoint,
+                model,
+                dataset,
+                batch_size=config.eval.batch_size or config.data.batch_size,
+                num_workers=config.data.num_workers,
+                device=device,
+            )
+        )
     _say(json.dumps({k: v for k, v in metrics.items() if k != "per_class"}, indent=2))
     per_class = metrics.get("per_class") or {}
     if per_class:
@@ -243,9 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run from its last.pt")
     train.set_defaults(handler=_cmd_train)
 
-    evaluate = commands.add_parser("eval", help="COCO mAP of a checkpoint")
+    evaluate = commands.add_parser("eval", help="COCO mAP and feature fidelity of a checkpoint")
     evaluate.add_argument("--config", required=True)
     evaluate.add_argument("--checkpoint", required=True)
+    evaluate.add_argument(
+        "--no-fidelity", action="store_true", help="COCO mAP only (skip the teacher maps and the adapters)"
+    )
     evaluate.add_argument("--set", action="append", metavar="KEY=VALUE")
     evaluate.set_defaults(handler=_cmd_eval)
 
@@ -291,6 +308,12 @@ def run_with_user_errors(action: Callable[[], int]) -> int:
         from vfmkd.datasets import DatasetError
 
         user_errors += (DatasetError,)
+    except ImportError:
+        pass
+    try:
+        from vfmkd.core.checkpoint import CheckpointError
+
+        user_errors += (CheckpointError,)
     except ImportError:
         pass
     try:

@@ -147,3 +147,44 @@ def test_unlabelled_folder_trains_distillation_alone(probe_store, tmp_path):
     lines = (tmp_path / "runs/distill/metrics.jsonl").read_text()
     assert "distill/probe/embed<-p4" in lines and "det/box" not in lines
     assert result["step"] == 2
+
+
+
+def _eval_metrics(output: str) -> dict:
+    """The JSON block `vfmkd eval` prints (before the per-class lines)."""
+    import json
+
+    return json.loads(output[output.index("{") : output.index("\n}") + 2])
+
+
+def test_eval_reports_the_fidelity_training_reported(probe_store, tmp_path, capsys):
+    from vfmkd.cli import main
+
+    root, data_yaml = probe_store
+    config = _config(root, data_yaml)
+    config.train.output_dir = str(tmp_path / "runs")
+    result = Trainer(config).train()
+    trained = {name: value for name, value in result["metrics"].items() if name.startswith("fidelity/")}
+    assert {"fidelity/probe/embed<-p4/cosine", "fidelity/probe/embed<-p3/nmse"} <= set(trained)
+    run_config = str(tmp_path / "runs/distill/config.yaml")
+    checkpoint = str(result["last"])
+    capsys.readouterr()
+
+    assert main(["eval", "--config", run_config, "--checkpoint", checkpoint]) == 0
+    reported = _eval_metrics(capsys.readouterr().out)
+    assert "mAP50" in reported
+    assert {name: value for name, value in reported.items() if name.startswith("fidelity/")} == pytest.approx(
+        trained, rel=1e-5, abs=1e-6
+    )
+
+    assert main(["eval", "--config", run_config, "--checkpoint", checkpoint, "--no-fidelity"]) == 0
+    assert not any(name.startswith("fidelity/") for name in _eval_metrics(capsys.readouterr().out))
+
+    # adapters trained for another pairing: a clear error, not a silently re-initialised adapter
+    other = tmp_path / "other.yaml"
+    other.write_text(
+        (tmp_path / "runs/distill/config.yaml").read_text().replace("adapter: mlp", "adapter: conv1x1")
+    )
+    assert "adapter: conv1x1" in other.read_text()
+    assert main(["eval", "--config", str(other), "--checkpoint", checkpoint]) == 2
+    assert "do not fit the config's distillation terms" in capsys.readouterr().err

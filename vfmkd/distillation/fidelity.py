@@ -10,6 +10,7 @@ validation store is skipped (its weights are never loaded just to evaluate).
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -91,3 +92,62 @@ def feature_fidelity(
             results[f"{base}/cosine"] = cosine_sum / count
             results[f"{base}/nmse"] = error / max(energy, 1e-12)
     return results
+
+
+def checkpoint_fidelity(
+    config: Any,
+    checkpoint_path: str | Path,
+    model: torch.nn.Module,
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """Feature fidelity of a trained checkpoint, through the adapters it trained with.
+
+    Rebuilds the distillation plan of ``config`` on ``model`` (the checkpoint's student, as
+    :func:`~vfmkd.core.checkpoint.load_model_from_checkpoint` gives it), loads the
+    checkpoint's adapters and loss parameters into ``model.distill`` from the same weights
+    (EMA when stored), and measures :func:`feature_fidelity`. Nothing is written back to
+    any store. Returns ``{}`` (and says why) when the config has no distillation term, the
+    checkpoint has no adapters, or what the plan needs (a training store for the teacher's
+    feature shapes, the teacher's weights) is not at hand.
+
+    Raises:
+        CheckpointError: the checkpoint's adapters do not fit this config's distillation terms.
+    """
+    from vfmkd.config import ConfigError
+    from vfmkd.core.checkpoint import DISTILL_PREFIX, CheckpointError, load_checkpoint
+    from vfmkd.distillation.distiller import build_distiller
+    from vfmkd.features.store import FeatureStoreError
+
+    checkpoint = load_checkpoint(checkpoint_path)
+    state = checkpoint["ema"]["module"] if checkpoint.get("ema") else checkpoint["model"]
+    distill_state = {
+        key[len(DISTILL_PREFIX) :]: value for key, value in state.items() if key.startswith(DISTILL_PREFIX)
+    }
+    if not distill_state:
+        logger.info("feature fidelity: %s has no distillation adapters (a detection-only run)", checkpoint_path)
+        return {}
+    eval_config = config.model_copy(deep=True)
+    for teacher in eval_config.teachers.values():
+        teacher.write_back = False  # evaluation never adds to a store
+    try:
+        distiller = build_distiller(eval_config, model, has_labels=getattr(dataset, "has_labels", True))
+    except (ConfigError, FeatureStoreError, FileNotFoundError) as error:
+        logger.warning("feature fidelity skipped: the distillation plan cannot be rebuilt here: %s", error)
+        return {}
+    if distiller is None:
+        return {}
+    missing, unexpected = model.distill.load_state_dict(distill_state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{checkpoint_path}: its distillation adapters do not fit the config's distillation terms "
+            f"(missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}); evaluate with the "
+            "config the run was trained with (its run directory's config.yaml)"
+        )
+    model.distill.to(device)
+    return feature_fidelity(
+        model, distiller, dataset, batch_size=batch_size, num_workers=num_workers, device=device
+    )
