@@ -160,29 +160,31 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     )
     model = load_model_from_checkpoint(args.checkpoint, device)
     dataset = build_dataset(config.data, config.data.val_split, train=False)
+    batch_size = config.eval.batch_size or config.data.batch_size
+    fidelity: dict[str, float] = {}
+    if not args.no_fidelity:
+        # NOTE: first, so that adapters that do not fit the config fail before the mAP pass.
+        from vfmkd.distillation.fidelity import checkpoint_fidelity
+
+        fidelity = checkpoint_fidelity(
+            config,
+            args.checkpoint,
+            model,
+            dataset,
+            batch_size=batch_size,
+            num_workers=config.data.num_workers,
+            device=device,
+        )
     metrics = evaluate_model(
         model,
         dataset,
-        batch_size=config.eval.batch_size or config.data.batch_size,
+        batch_size=batch_size,
         num_workers=config.data.num_workers,
         device=device,
         amp=config.train.amp,
         eval_cfg=config.eval,
     )
-    if not args.no_fidelity:
-        from vfmkd.distillation.fidelity import checkpoint_fidelity
-
-        metrics.update(
-            checkpoint_fidelity(
-                config,
-                args.checkpoint,
-                model,
-                dataset,
-                batch_size=config.eval.batch_size or config.data.batch_size,
-                num_workers=config.data.num_workers,
-                device=device,
-            )
-        )
+    metrics.update(fidelity)
     _say(json.dumps({k: v for k, v in metrics.items() if k != "per_class"}, indent=2))
     per_class = metrics.get("per_class") or {}
     if per_class:

@@ -157,7 +157,7 @@ def _eval_metrics(output: str) -> dict:
     return json.loads(output[output.index("{") : output.index("\n}") + 2])
 
 
-def test_eval_reports_the_fidelity_training_reported(probe_store, tmp_path, capsys):
+def test_eval_reports_the_fidelity_training_reported(probe_store, tmp_path, capsys, caplog):
     from vfmkd.cli import main
 
     root, data_yaml = probe_store
@@ -188,3 +188,14 @@ def test_eval_reports_the_fidelity_training_reported(probe_store, tmp_path, caps
     assert "adapter: conv1x1" in other.read_text()
     assert main(["eval", "--config", str(other), "--checkpoint", checkpoint]) == 2
     assert "do not fit the config's distillation terms" in capsys.readouterr().err
+
+    # the training store is not on this machine: the mAP still comes, fidelity is skipped and says why
+    elsewhere = tmp_path / "elsewhere.yaml"
+    run_config_text = (tmp_path / "runs/distill/config.yaml").read_text()
+    assert str(root / "store") in run_config_text
+    elsewhere.write_text(run_config_text.replace(str(root / "store"), str(tmp_path / "moved_store")))
+    caplog.set_level("WARNING")
+    assert main(["eval", "--config", str(elsewhere), "--checkpoint", checkpoint]) == 0
+    reported = _eval_metrics(capsys.readouterr().out)
+    assert "mAP50" in reported and not any(name.startswith("fidelity/") for name in reported)
+    assert "feature fidelity skipped" in caplog.text and "moved_store" in caplog.text
