@@ -175,15 +175,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             num_workers=config.data.num_workers,
             device=device,
         )
-    metrics = evaluate_model(
-        model,
-        dataset,
-        batch_size=batch_size,
-        num_workers=config.data.num_workers,
-        device=device,
-        amp=config.train.amp,
-        eval_cfg=config.eval,
-    )
+    metrics: dict = {}
+    if getattr(dataset, "has_labels", True):
+        metrics = evaluate_model(
+            model,
+            dataset,
+            batch_size=batch_size,
+            num_workers=config.data.num_workers,
+            device=device,
+            amp=config.train.amp,
+            eval_cfg=config.eval,
+        )
+    else:
+        _say(f"{config.data.dataset}: no labels, so no mAP; feature fidelity only")
     metrics.update(fidelity)
     _say(json.dumps({k: v for k, v in metrics.items() if k != "per_class"}, indent=2))
     per_class = metrics.get("per_class") or {}

@@ -135,7 +135,7 @@ def test_two_teachers_each_with_its_losses_and_normalisation(probe_store):
     assert result["step"] == 2
 
 
-def test_unlabelled_folder_trains_distillation_alone(probe_store, tmp_path):
+def test_unlabelled_folder_trains_distillation_alone(probe_store, tmp_path, capsys):
     root, data_yaml = probe_store
     config = _config(root, data_yaml)
     # the training images alone, as a plain folder: no labels
@@ -147,6 +147,16 @@ def test_unlabelled_folder_trains_distillation_alone(probe_store, tmp_path):
     lines = (tmp_path / "runs/distill/metrics.jsonl").read_text()
     assert "distill/probe/embed<-p4" in lines and "det/box" not in lines
     assert result["step"] == 2
+
+    from vfmkd.cli import main
+
+    capsys.readouterr()
+    run_config = str(tmp_path / "runs/distill/config.yaml")
+    assert main(["eval", "--config", run_config, "--checkpoint", str(result["last"])]) == 0
+    output = capsys.readouterr().out
+    assert "no labels, so no mAP" in output
+    reported = _eval_metrics(output)
+    assert "mAP50" not in reported and "fidelity/probe/embed<-p4/cosine" in reported
 
 
 
