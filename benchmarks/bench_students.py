@@ -150,5 +150,6 @@ def print_table(rows: list[dict]) -> None:
             cells.append("-" if speed is None else f"{speed:.2f}")
         print(f"| {row['student']} | {row['params_m']:.2f} | " + " | ".join(cells) + " |")
 
+
 if __name__ == "__main__":
     main()

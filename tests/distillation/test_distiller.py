@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from tests.helpers.covariant_teacher import CovariantTeacher  # noqa: F401  (registers covariant_probe)
+from vfmkd.cli import main
 from vfmkd.config import ConfigError, validate_config
 from vfmkd.core.trainer import Trainer
 from vfmkd.datasets import build_dataset
@@ -148,8 +151,6 @@ def test_unlabelled_folder_trains_distillation_alone(probe_store, tmp_path, caps
     assert "distill/probe/embed<-p4" in lines and "det/box" not in lines
     assert result["step"] == 2
 
-    from vfmkd.cli import main
-
     capsys.readouterr()
     run_config = str(tmp_path / "runs/distill/config.yaml")
     assert main(["eval", "--config", run_config, "--checkpoint", str(result["last"])]) == 0
@@ -159,17 +160,12 @@ def test_unlabelled_folder_trains_distillation_alone(probe_store, tmp_path, caps
     assert "mAP50" not in reported and "fidelity/probe/embed<-p4/cosine" in reported
 
 
-
 def _eval_metrics(output: str) -> dict:
     """The JSON block `vfmkd eval` prints (before the per-class lines)."""
-    import json
-
     return json.loads(output[output.index("{") : output.index("\n}") + 2])
 
 
 def test_eval_reports_the_fidelity_training_reported(probe_store, tmp_path, capsys, caplog):
-    from vfmkd.cli import main
-
     root, data_yaml = probe_store
     config = _config(root, data_yaml)
     config.train.output_dir = str(tmp_path / "runs")
