@@ -231,6 +231,12 @@ def test_scan_stays_float32_under_autocast() -> None:
     assert all(torch.isfinite(value.grad).all() for value in inputs.values())
 
 
+def test_meta_tensors_give_shapes() -> None:
+    inputs = {key: value.to("meta") for key, value in _inputs(length=40, groups=2).items()}
+    output, last_state = selective_scan(**inputs, delta_softplus=True, return_last_state=True)
+    assert output.device.type == "meta" and output.shape == (2, 8, 40) and last_state.shape == (2, 8, 4)
+
+
 def test_cpu_tensors_never_reach_the_cuda_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     def kernel(*args: object) -> None:
         raise AssertionError("the CUDA kernel was called for CPU tensors")

@@ -42,6 +42,7 @@ segment at a time from its saved start state and lets autograd differentiate it
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -354,7 +355,14 @@ def _scan_chunks(
     Autocast is off inside: the scan is float32 whatever the caller's autocast, so the
     backward recomputation (which runs outside any autocast) rebuilds the same values.
     """
-    with torch.autocast(u.device.type, enabled=False):
+    device_type = u.device.type
+    # NOTE: some device types (e.g. meta, used to read shapes) have no autocast to turn off.
+    no_autocast = (
+        torch.autocast(device_type, enabled=False)
+        if torch.amp.is_autocast_available(device_type)
+        else contextlib.nullcontext()
+    )
+    with no_autocast:
         return _scan_chunks_float32(
             u,
             delta,
