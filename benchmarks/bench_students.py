@@ -131,10 +131,10 @@ def merge_results(path: Path, row: dict, command: str) -> dict:
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
     }
+    from vfmkd.utils.io import atomic_write_text
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".json.partial")
-    partial.write_text(json.dumps(merged, indent=2))
-    os.replace(partial, path)
+    atomic_write_text(path, json.dumps(merged, indent=2))
     return merged
 
 

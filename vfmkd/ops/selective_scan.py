@@ -310,7 +310,7 @@ def _scan_segments(
     outputs: list[torch.Tensor] = []
     start_states: list[torch.Tensor] = []
     state: torch.Tensor | None = None
-    for start in range(0, length, segment_length):
+    for start in range(0, max(length, 1), segment_length):  # an empty sequence is one empty segment
         end = min(start + segment_length, length)
         if state is not None:
             start_states.append(state)
@@ -328,11 +328,7 @@ def _scan_segments(
             chunk_size=chunk_size,
         )
         outputs.append(output)
-    if state is None:  # an empty sequence
-        output, state = _scan_chunks(
-            u, delta, A, B, C, D, z, delta_bias, delta_softplus=delta_softplus, initial_state=None, chunk_size=1
-        )
-        return output, state, start_states
+    assert state is not None
     return torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0], state, start_states
 
 
@@ -355,113 +351,83 @@ def _scan_chunks(
     Autocast is off inside: the scan is float32 whatever the caller's autocast, so the
     backward recomputation (which runs outside any autocast) rebuilds the same values.
     """
-    device_type = u.device.type
-    # NOTE: some device types (e.g. meta, used to read shapes) have no autocast to turn off.
-    no_autocast = (
-        torch.autocast(device_type, enabled=False)
-        if torch.amp.is_autocast_available(device_type)
-        else contextlib.nullcontext()
-    )
-    with no_autocast:
-        return _scan_chunks_float32(
-            u,
-            delta,
-            A,
-            B,
-            C,
-            D,
-            z,
-            delta_bias,
-            delta_softplus=delta_softplus,
-            initial_state=initial_state,
-            chunk_size=chunk_size,
-        )
+    with _autocast_off(u.device.type):
+        batch, channels, length = u.shape
+        state_size = A.shape[1]
+        num_chunks = max(1, math.ceil(length / chunk_size))
+        padding = num_chunks * chunk_size - length
 
+        input_float = u.float()
+        step = delta.float()
+        if delta_bias is not None:
+            step = step + delta_bias.float()[:, None]
+        if delta_softplus:
+            step = F.softplus(step)
+        input_matrix = _grouped(B).float()
+        output_matrix = _grouped(C).float()
+        if padding:
+            # A zero step leaves the state untouched (decay exp(0) = 1, input 0), so padded
+            # positions change neither the outputs kept nor the last state.
+            step = F.pad(step, (0, padding))
+            stepped_input = F.pad(step[..., :length] * input_float, (0, padding))
+            input_matrix = F.pad(input_matrix, (0, padding))
+            output_matrix = F.pad(output_matrix, (0, padding))
+        else:
+            stepped_input = step * input_float
 
-def _scan_chunks_float32(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None,
-    z: torch.Tensor | None,
-    delta_bias: torch.Tensor | None,
-    *,
-    delta_softplus: bool,
-    initial_state: torch.Tensor | None,
-    chunk_size: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    batch, channels, length = u.shape
-    state_size = A.shape[1]
-    num_chunks = max(1, math.ceil(length / chunk_size))
-    padding = num_chunks * chunk_size - length
+        # Time-major layout [T, chunks, B, D, N]: each step of the loops below reads one
+        # contiguous slab, and unbind (whose backward is a single stack) splits them.
+        step_t = _time_major(step, num_chunks, chunk_size)  # [T, c, B, D]
+        stepped_input_t = _time_major(stepped_input, num_chunks, chunk_size)  # [T, c, B, D]
+        input_matrix_t = _time_major(input_matrix, num_chunks, chunk_size)  # [T, c, B, G_b, N]
+        output_matrix_t = _time_major(output_matrix, num_chunks, chunk_size)  # [T, c, B, G_c, N]
+        groups_in, groups_out = input_matrix_t.shape[3], output_matrix_t.shape[3]
+        grid = (chunk_size, num_chunks, batch)
 
-    input_float = u.float()
-    step = delta.float()
-    if delta_bias is not None:
-        step = step + delta_bias.float()[:, None]
-    if delta_softplus:
-        step = F.softplus(step)
-    input_matrix = _grouped(B).float()
-    output_matrix = _grouped(C).float()
-    if padding:
-        # A zero step leaves the state untouched (decay exp(0) = 1, input 0), so padded
-        # positions change neither the outputs kept nor the last state.
-        step = F.pad(step, (0, padding))
-        stepped_input = F.pad(step[..., :length] * input_float, (0, padding))
-        input_matrix = F.pad(input_matrix, (0, padding))
-        output_matrix = F.pad(output_matrix, (0, padding))
-    else:
-        stepped_input = step * input_float
+        log_decay = step_t.unsqueeze(-1) * A.float()  # [T, c, B, D, N]
+        decays = torch.exp(log_decay)
+        state_inputs = (
+            stepped_input_t.view(*grid, groups_in, channels // groups_in, 1) * input_matrix_t.unsqueeze(-2)
+        ).view(*grid, channels, state_size)  # [T, c, B, D, N]
+        decay_rows, input_rows = decays.unbind(0), state_inputs.unbind(0)
 
-    # Time-major layout [T, chunks, B, D, N]: each step of the loops below reads one
-    # contiguous slab, and unbind (whose backward is a single stack) splits them.
-    step_t = _time_major(step, num_chunks, chunk_size)  # [T, c, B, D]
-    stepped_input_t = _time_major(stepped_input, num_chunks, chunk_size)  # [T, c, B, D]
-    input_matrix_t = _time_major(input_matrix, num_chunks, chunk_size)  # [T, c, B, G_b, N]
-    output_matrix_t = _time_major(output_matrix, num_chunks, chunk_size)  # [T, c, B, G_c, N]
-    groups_in, groups_out = input_matrix_t.shape[3], output_matrix_t.shape[3]
-    grid = (chunk_size, num_chunks, batch)
+        # 1. What each chunk adds to a zero state, and how much it decays a state passing through.
+        chunk_states = input_rows[0]
+        for decay, state_input in zip(decay_rows[1:], input_rows[1:]):
+            chunk_states = torch.addcmul(state_input, decay, chunk_states)
+        chunk_decays = torch.exp(log_decay.sum(dim=0))  # [c, B, D, N]
 
-    log_decay = step_t.unsqueeze(-1) * A.float()  # [T, c, B, D, N]
-    decays = torch.exp(log_decay)
-    state_inputs = (
-        stepped_input_t.view(*grid, groups_in, channels // groups_in, 1) * input_matrix_t.unsqueeze(-2)
-    ).view(*grid, channels, state_size)  # [T, c, B, D, N]
-    decay_rows, input_rows = decays.unbind(0), state_inputs.unbind(0)
+        # 2. Carry the state across chunks.
+        if initial_state is None:
+            initial_state = torch.zeros_like(chunk_states[0])
+        start_states = [initial_state.float()]
+        for chunk_decay, chunk_state in zip(chunk_decays.unbind(0), chunk_states.unbind(0)):
+            start_states.append(torch.addcmul(chunk_state, chunk_decay, start_states[-1]))
+        last_state = start_states.pop()
+        state = torch.stack(start_states, dim=0)  # [c, B, D, N]
 
-    # 1. What each chunk adds to a zero state, and how much it decays a state passing through.
-    chunk_states = input_rows[0]
-    for decay, state_input in zip(decay_rows[1:], input_rows[1:]):
-        chunk_states = torch.addcmul(state_input, decay, chunk_states)
-    chunk_decays = torch.exp(log_decay.sum(dim=0))  # [c, B, D, N]
+        # 3. Every chunk in parallel from its start state, one position at a time; then all
+        # outputs y_t = C_t . h_t in one batched product.
+        states = []
+        for decay, state_input in zip(decay_rows, input_rows):
+            state = torch.addcmul(state_input, decay, state)
+            states.append(state)
+        all_states = torch.stack(states, dim=0).view(*grid, groups_out, channels // groups_out, state_size)
+        output = torch.matmul(all_states, output_matrix_t.unsqueeze(-1))  # [T, c, B, G_c, D / G_c, 1]
+        output = output.view(chunk_size, num_chunks, batch, channels)
+        output = output.permute(2, 3, 1, 0).reshape(batch, channels, num_chunks * chunk_size)[..., :length]
 
-    # 2. Carry the state across chunks.
-    if initial_state is None:
-        initial_state = torch.zeros_like(chunk_states[0])
-    start_states = [initial_state.float()]
-    for chunk_decay, chunk_state in zip(chunk_decays.unbind(0), chunk_states.unbind(0)):
-        start_states.append(torch.addcmul(chunk_state, chunk_decay, start_states[-1]))
-    last_state = start_states.pop()
-    state = torch.stack(start_states, dim=0)  # [c, B, D, N]
+        if D is not None:
+            output = output + input_float * D.float()[:, None]
+        if z is not None:
+            output = output * F.silu(z.float())
+        return output.to(u.dtype), last_state
 
-    # 3. Every chunk in parallel from its start state, one position at a time; then all
-    # outputs y_t = C_t . h_t in one batched product.
-    states = []
-    for decay, state_input in zip(decay_rows, input_rows):
-        state = torch.addcmul(state_input, decay, state)
-        states.append(state)
-    all_states = torch.stack(states, dim=0).view(*grid, groups_out, channels // groups_out, state_size)
-    output = torch.matmul(all_states, output_matrix_t.unsqueeze(-1))  # [T, c, B, G_c, D / G_c, 1]
-    output = output.view(chunk_size, num_chunks, batch, channels)
-    output = output.permute(2, 3, 1, 0).reshape(batch, channels, num_chunks * chunk_size)[..., :length]
-
-    if D is not None:
-        output = output + input_float * D.float()[:, None]
-    if z is not None:
-        output = output * F.silu(z.float())
-    return output.to(u.dtype), last_state
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """``autocast(enabled=False)``, or nothing for device types without autocast (e.g. meta)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _default_chunk_size(length: int) -> int:
