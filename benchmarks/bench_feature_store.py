@@ -50,13 +50,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from vfmkd.features.codecs import CODEC_NAMES, get_codec  # noqa: E402
-from vfmkd.features.store import (  # noqa: E402
-    FeatureStore,
-    ShardWriter,
-    StoreHeader,
-    finalize_store,
-    prepare_store_for_writing,
-)
+from vfmkd.features.format import StoreHeader  # noqa: E402
+from vfmkd.features.store import FeatureStore  # noqa: E402
+from vfmkd.features.writer import ShardWriter, finalize_store, prepare_store_for_writing  # noqa: E402
 from vfmkd.geometry import resize_frame  # noqa: E402
 from vfmkd.teachers.base import FeatureSpec  # noqa: E402
 

@@ -304,7 +304,7 @@ def run_with_user_errors(action: Callable[[], int]) -> int:
 
     user_errors: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError)
     try:
-        from vfmkd.features.store import FeatureStoreError
+        from vfmkd.features.format import FeatureStoreError
         from vfmkd.teachers.weights import UnsafeCheckpointError, WeightsDownloadError
 
         user_errors += (FeatureStoreError, UnsafeCheckpointError, WeightsDownloadError)

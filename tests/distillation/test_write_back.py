@@ -15,7 +15,8 @@ from vfmkd.datasets import build_dataset
 from vfmkd.datasets.synthetic import generate_synthetic_dataset
 from vfmkd.distillation.sources import OFFLINE_KEY
 from vfmkd.features.extract import extract_features
-from vfmkd.features.store import FeatureStore, StoreLock
+from vfmkd.features.store import FeatureStore
+from vfmkd.features.writer import StoreLock
 from vfmkd.teachers import build_teacher
 
 TEACHER_SIZE = 128

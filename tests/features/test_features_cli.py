@@ -58,7 +58,7 @@ def test_verify_reports_damage_and_wrong_weights(image_folder, tmp_path, capsys)
     assert main(_extract_args(image_folder, out, "--seed", "3")) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["build_args"]["seed"] = 4  # rebuilt teacher gets other weights
-    from vfmkd.features.store import manifest_checksum
+    from vfmkd.features.format import manifest_checksum
 
     manifest["content_sha256"] = manifest_checksum(manifest)
     (out / "manifest.json").write_text(json.dumps(manifest))

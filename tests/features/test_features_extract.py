@@ -16,7 +16,9 @@ import torch.multiprocessing as mp
 from toy_feature_teacher import ToyPoolTeacher, write_images
 from vfmkd.datasets import build_dataset
 from vfmkd.features.extract import cpu_preprocessor, extract_features
-from vfmkd.features.store import FeatureStore, FeatureStoreError, StoreLock
+from vfmkd.features.format import FeatureStoreError
+from vfmkd.features.store import FeatureStore
+from vfmkd.features.writer import StoreLock
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]

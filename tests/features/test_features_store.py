@@ -8,18 +8,16 @@ import pytest
 import torch
 
 from vfmkd.features.extract import extract_features
-from vfmkd.features.store import (
-    FeatureStore,
+from vfmkd.features.format import (
     FeatureStoreError,
-    ShardWriter,
     StoreCorruptError,
     StoreHeader,
     StoreMismatchError,
     StoreNotFoundError,
     describe_differences,
-    finalize_store,
-    prepare_store_for_writing,
 )
+from vfmkd.features.store import FeatureStore
+from vfmkd.features.writer import ShardWriter, finalize_store, prepare_store_for_writing
 from vfmkd.geometry import resize_frame
 
 

@@ -282,7 +282,8 @@ def _open_store(
     key: str, teacher: TeacherConfig, registry_name: str, config: ExperimentConfig, *, missing_ok: bool = False
 ) -> Any:
     """The teacher's store at ``feature_path``, checked against the config (None if absent and ``missing_ok``)."""
-    from vfmkd.features.store import FeatureStore, StoreMismatchError
+    from vfmkd.features.format import StoreMismatchError
+    from vfmkd.features.store import FeatureStore
 
     if not teacher.feature_path:
         raise ConfigError(
@@ -654,7 +655,7 @@ def _finite_sum(values: Any) -> torch.Tensor:
 
 def _check_store_matches(key: str, store: Any, teacher: Any) -> None:
     """A store made with other weights, preprocessing or specs than the live teacher is refused."""
-    from vfmkd.features.store import describe_differences
+    from vfmkd.features.format import describe_differences
 
     stored = store.fingerprint_fields
     asked = teacher.fingerprint_fields()
@@ -675,7 +676,8 @@ def _start_write_backs(config: ExperimentConfig, teachers: Mapping[str, TeacherP
     the training split: float16, the teacher's features and fingerprint.
     """
     from vfmkd.distillation.write_back import StoreWriteBack
-    from vfmkd.features.store import FeatureStore, FeatureStoreError, StoreHeader
+    from vfmkd.features.format import FeatureStoreError, StoreHeader
+    from vfmkd.features.store import FeatureStore
 
     started: list[StoreWriteBack] = []
     try:

@@ -120,7 +120,7 @@ def checkpoint_fidelity(
     from vfmkd.config import ConfigError
     from vfmkd.core.checkpoint import DISTILL_PREFIX, CheckpointError, load_checkpoint
     from vfmkd.distillation.distiller import build_distiller
-    from vfmkd.features.store import FeatureStoreError
+    from vfmkd.features.format import FeatureStoreError
 
     checkpoint = load_checkpoint(checkpoint_path)
     state = checkpoint["ema"]["module"] if checkpoint.get("ema") else checkpoint["model"]

@@ -38,19 +38,16 @@ import torch
 
 from vfmkd.core.distributed import barrier, get_rank, get_world_size
 from vfmkd.features.extract import BackgroundWriter, default_shard_size
-from vfmkd.features.store import (
-    FeatureStore,
+from vfmkd.features.format import (
     FeatureStoreError,
-    ShardWriter,
     StoreCorruptError,
     StoreHeader,
-    StoreLock,
     StoreNotFoundError,
     describe_differences,
-    finalize_store,
-    prepare_store_for_writing,
     read_shard_records,
 )
+from vfmkd.features.store import FeatureStore
+from vfmkd.features.writer import ShardWriter, StoreLock, finalize_store, prepare_store_for_writing
 
 __all__ = ["WRITE_BACK_SHARD_SIZE", "StoreWriteBack"]
 

@@ -29,7 +29,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from vfmkd.features.codecs import CODEC_NAMES
-from vfmkd.features.store import FeatureStore, FeatureStoreError, StoreMismatchError, describe_differences
+from vfmkd.features.format import FeatureStoreError, StoreMismatchError, describe_differences
+from vfmkd.features.store import FeatureStore
 
 __all__ = [
     "TeacherSettings",
@@ -314,7 +315,7 @@ def format_store_info(store: FeatureStore) -> str:
 def _cmd_verify(args: argparse.Namespace) -> int:
     from vfmkd.datasets import build_dataset
     from vfmkd.features.extract import resolve_device, verify_against_teacher
-    from vfmkd.features.store import StoreCorruptError
+    from vfmkd.features.format import StoreCorruptError
 
     try:
         store = FeatureStore.open(args.dir, verify=True)

@@ -32,16 +32,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from vfmkd.core.distributed import barrier, get_rank, get_world_size
 from vfmkd.features.codecs import get_codec
-from vfmkd.features.store import (
-    FeatureStore,
-    ShardWriter,
-    StoreCorruptError,
-    StoreHeader,
-    StoreLock,
-    finalize_store,
-    prepare_store_for_writing,
-    read_shard_records,
-)
+from vfmkd.features.format import StoreCorruptError, StoreHeader, read_shard_records
+from vfmkd.features.store import FeatureStore
+from vfmkd.features.writer import ShardWriter, StoreLock, finalize_store, prepare_store_for_writing
 from vfmkd.geometry import Frame
 from vfmkd.teachers.base import BaseTeacher
 
@@ -235,10 +228,7 @@ def extract_features(
     """
     root = Path(out_dir)
     rank, world_size = get_rank(), get_world_size()
-    if device is not None:
-        teacher = teacher.to(resolve_device(device))
-    teacher.freeze()
-    run_device = next((parameter.device for parameter in teacher.parameters()), torch.device("cpu"))
+    teacher, run_device = _frozen_on_device(teacher, device)
     sample_ids = list(dataset.ids)
     count = len(sample_ids) if limit is None else min(int(limit), len(sample_ids))
     header = StoreHeader(
@@ -257,38 +247,83 @@ def extract_features(
         if rank == 0:
             prepare_store_for_writing(root, header, verify_existing=verify_existing)
         barrier()
-        records, problems = read_shard_records(root, header.specs, header.codec, header.fingerprint)
-        if problems:
-            raise StoreCorruptError("; ".join(problem.message for problem in problems))
-        committed = {sample_id for record in records for sample_id in record.ids}
-        pending = [index for index in range(count) if sample_ids[index] not in committed]
-        mine = pending[rank::world_size]
-        logger.info(
-            "%s: %d of %d samples stored, %d to compute (%d on this rank), teacher %s on %s, codec %s",
-            root, count - len(pending), count, len(pending), len(mine), teacher.name, run_device, dtype,
+        _compute_missing_samples(
+            teacher, dataset, root, header, sample_ids, count,
+            rank=rank, world_size=world_size, device=run_device, shard_size=shard_size,
+            batch_size=batch_size, num_workers=num_workers, progress=progress and rank == 0,
         )
-        if mine:
-            start_index = 1 + max((record.index for record in records if record.rank == rank), default=-1)
-            writer = ShardWriter(
-                root,
-                header,
-                rank=rank,
-                shard_size=shard_size or default_shard_size(header),
-                start_index=start_index,
-            )
-            probe = dataset.load_raw(mine[0])["image"]
-            samples = _ExtractionSamples(dataset, mine, cpu_preprocessor(teacher, probe))
-            _run(teacher, samples, writer, run_device, batch_size, num_workers, progress and rank == 0)
         barrier()
         if rank == 0:
-            manifest = finalize_store(root, header)
-            if manifest["num_samples"] < count:
-                logger.warning(
-                    "%s holds %d of %d samples (unreadable images were skipped)",
-                    root, manifest["num_samples"], count,
-                )
+            _finalize_extraction(root, header, count)
         barrier()
     return FeatureStore.open(root)
+
+
+def _frozen_on_device(
+    teacher: BaseTeacher, device: str | torch.device | None
+) -> tuple[BaseTeacher, torch.device]:
+    """The frozen teacher, moved to ``device`` when one is given, and the device it runs on."""
+    if device is not None:
+        teacher = teacher.to(resolve_device(device))
+    teacher.freeze()
+    return teacher, next((parameter.device for parameter in teacher.parameters()), torch.device("cpu"))
+
+
+def _compute_missing_samples(
+    teacher: BaseTeacher,
+    dataset: Any,
+    root: Path,
+    header: StoreHeader,
+    sample_ids: Sequence[str],
+    count: int,
+    *,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    shard_size: int | None,
+    batch_size: int,
+    num_workers: int,
+    progress: bool,
+) -> None:
+    """Compute this rank's share of the samples the store lacks and commit them as shards.
+
+    Args:
+        sample_ids: the ids of ``dataset``; the extraction covers the first ``count``.
+        rank: this rank; it takes every ``world_size``-th missing sample and numbers its
+            shards on from its last committed one.
+    """
+    records, problems = read_shard_records(root, header.specs, header.codec, header.fingerprint)
+    if problems:
+        raise StoreCorruptError("; ".join(problem.message for problem in problems))
+    committed = {sample_id for record in records for sample_id in record.ids}
+    pending = [index for index in range(count) if sample_ids[index] not in committed]
+    mine = pending[rank::world_size]
+    logger.info(
+        "%s: %d of %d samples stored, %d to compute (%d on this rank), teacher %s on %s, codec %s",
+        root, count - len(pending), count, len(pending), len(mine), teacher.name, device, header.codec,
+    )
+    if not mine:
+        return
+    writer = ShardWriter(
+        root,
+        header,
+        rank=rank,
+        shard_size=shard_size or default_shard_size(header),
+        start_index=1 + max((record.index for record in records if record.rank == rank), default=-1),
+    )
+    probe = dataset.load_raw(mine[0])["image"]
+    samples = _ExtractionSamples(dataset, mine, cpu_preprocessor(teacher, probe))
+    _run(teacher, samples, writer, device, batch_size, num_workers, progress)
+
+
+def _finalize_extraction(root: Path, header: StoreHeader, count: int) -> None:
+    """Write the final manifest (rank 0, after every rank) and warn when samples are missing."""
+    manifest = finalize_store(root, header)
+    if manifest["num_samples"] < count:
+        logger.warning(
+            "%s holds %d of %d samples (unreadable images were skipped)",
+            root, manifest["num_samples"], count,
+        )
 
 
 def _run(
