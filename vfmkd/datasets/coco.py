@@ -97,15 +97,8 @@ def _valid_box(bbox: Any) -> bool:
     )
 
 
-def build_coco_records(
-    json_path: Path, image_dir: Path
-) -> tuple[list[ImageRecord], list[str], list[int], list[Problem]]:
-    """Read a COCO annotation file into records (original pixels, contiguous labels).
-
-    Returns:
-        Records, class names, original category id per label, and the problems found.
-    """
-    problems: list[Problem] = []
+def _load_annotation_file(json_path: Path) -> dict[str, Any]:
+    """The parsed annotation file; raises :class:`DatasetError` when it is unreadable or not COCO."""
     try:
         data = json.loads(json_path.read_text(encoding="utf-8"))
     except OSError as error:
@@ -116,6 +109,11 @@ def build_coco_records(
         raise DatasetError(
             f"{json_path}: a COCO annotation file needs `images`, `annotations` and `categories`"
         )
+    return data
+
+
+def _read_categories(json_path: Path, data: dict[str, Any]) -> tuple[list[str], list[int]]:
+    """Class names and original category ids, sorted by id (list index = contiguous label)."""
     categories = sorted(data.get("categories") or [], key=lambda category: category["id"])
     if not categories:
         raise DatasetError(f"{json_path}: no `categories`; list the classes with their ids and names")
@@ -123,8 +121,13 @@ def build_coco_records(
     if len(set(category_ids)) != len(category_ids):
         raise DatasetError(f"{json_path}: duplicate category ids in `categories`")
     names = [str(category.get("name", category["id"])) for category in categories]
-    label_of = {category_id: label for label, category_id in enumerate(category_ids)}
+    return names, category_ids
 
+
+def _index_images(
+    json_path: Path, data: dict[str, Any], problems: list[Problem]
+) -> dict[Any, dict[str, Any]]:
+    """Image entries by id; entries without ``id`` or ``file_name`` are skipped as problems."""
     images_by_id: dict[Any, dict[str, Any]] = {}
     for image in data["images"]:
         if "id" not in image or "file_name" not in image:
@@ -133,39 +136,168 @@ def build_coco_records(
             )
             continue
         images_by_id[image["id"]] = image
+    return images_by_id
+
+
+def _annotation_problem(
+    annotation: dict[str, Any], images_by_id: dict[Any, Any], label_of: dict[int, int]
+) -> str | None:
+    """Why ``annotation`` must be dropped (unknown image or category, invalid bbox), or None."""
+    image_id = annotation.get("image_id")
+    if image_id not in images_by_id:
+        return f"annotation {annotation.get('id')} refers to unknown image {image_id}; dropped"
+    if annotation.get("category_id") not in label_of:
+        return (
+            f"annotation {annotation.get('id')} has unknown category "
+            f"{annotation.get('category_id')}; dropped"
+        )
+    if not _valid_box(annotation.get("bbox")):
+        return f"annotation {annotation.get('id')} has an invalid bbox {annotation.get('bbox')}; dropped"
+    return None
+
+
+def _group_annotations(
+    json_path: Path,
+    data: dict[str, Any],
+    images_by_id: dict[Any, dict[str, Any]],
+    label_of: dict[int, int],
+    problems: list[Problem],
+) -> dict[Any, list[dict[str, Any]]]:
+    """The usable annotations of each image id; the others are dropped as problems."""
     annotations_by_image: dict[Any, list[dict[str, Any]]] = {image_id: [] for image_id in images_by_id}
     for annotation in data.get("annotations") or []:
-        image_id = annotation.get("image_id")
-        if image_id not in images_by_id:
+        reason = _annotation_problem(annotation, images_by_id, label_of)
+        if reason is not None:
+            problems.append(Problem(str(json_path), None, reason))
+            continue
+        annotations_by_image[annotation["image_id"]].append(annotation)
+    return annotations_by_image
+
+
+def _oriented_size(
+    image: dict[str, Any], path: Path, height: int, width: int, problems: list[Problem]
+) -> tuple[int, int, bool] | None:
+    """The size the annotations use and whether to apply the EXIF orientation.
+
+    Args:
+        image: the json's image entry.
+        path: its image file.
+        height: height of the file's pixels, EXIF orientation applied.
+        width: width likewise.
+        problems: gets a warning when the EXIF orientation is ignored, or the reason to skip.
+
+    Returns:
+        ``(height, width, apply_exif)``, or None when the json states another size.
+    """
+    stated = (int(image.get("height", height)), int(image.get("width", width)))
+    if stated == (height, width):
+        return height, width, True
+    if stated == (width, height):
+        # The annotations were made on the stored pixels, before the EXIF rotation.
+        problems.append(
+            Problem(
+                str(path), None, "EXIF orientation ignored: the annotations use the stored pixels", "warning"
+            )
+        )
+        return width, height, False
+    problems.append(
+        Problem(
+            str(path),
+            None,
+            f"size {height}x{width} differs from the json's {stated[0]}x{stated[1]}; skipped",
+        )
+    )
+    return None
+
+
+def _crowd_region(annotation: dict[str, Any], box: np.ndarray, label: int) -> dict[str, Any]:
+    """A crowd annotation for evaluation: the clipped ``[4]`` xyxy ``box`` as an xywh bbox,
+    the contiguous ``label`` as its category."""
+    _, _, box_w, box_h = (float(value) for value in annotation["bbox"])
+    return {
+        "bbox": [
+            float(box[0]),
+            float(box[1]),
+            float(box[2] - box[0]),
+            float(box[3] - box[1]),
+        ],
+        "area": float(annotation.get("area", box_w * box_h)),
+        "segmentation": annotation.get("segmentation"),
+        "category_id": label,
+    }
+
+
+def _image_record(
+    image: dict[str, Any],
+    path: Path,
+    size: tuple[int, int, bool],
+    annotations: list[dict[str, Any]],
+    label_of: dict[int, int],
+    json_path: Path,
+    problems: list[Problem],
+) -> ImageRecord:
+    """One image's record: boxes clipped to the image, crowd regions apart, boxes outside dropped.
+
+    Args:
+        image: the json's image entry.
+        path: its image file.
+        size: ``(height, width, apply_exif)`` from :func:`_oriented_size`.
+        annotations: its usable annotations.
+        label_of: contiguous label of each original category id.
+        json_path: the annotation file (named in problems).
+        problems: gets one entry per annotation dropped.
+    """
+    height, width, apply_exif = size
+    boxes, classes, segments, areas, crowd = [], [], [], [], []
+    for annotation in annotations:
+        x, y, box_w, box_h = (float(value) for value in annotation["bbox"])
+        box = np.array([x, y, x + box_w, y + box_h]).clip([0, 0, 0, 0], [width, height, width, height])
+        label = label_of[annotation["category_id"]]
+        if annotation.get("iscrowd", 0):
+            crowd.append(_crowd_region(annotation, box, label))
+            continue
+        if box[2] <= box[0] or box[3] <= box[1]:
             problems.append(
                 Problem(
                     str(json_path),
                     None,
-                    f"annotation {annotation.get('id')} refers to unknown image {image_id}; dropped",
+                    f"annotation {annotation.get('id')} lies outside its image; dropped",
                 )
             )
             continue
-        if annotation.get("category_id") not in label_of:
-            problems.append(
-                Problem(
-                    str(json_path),
-                    None,
-                    f"annotation {annotation.get('id')} has unknown category "
-                    f"{annotation.get('category_id')}; dropped",
-                )
-            )
-            continue
-        if not _valid_box(annotation.get("bbox")):
-            problems.append(
-                Problem(
-                    str(json_path),
-                    None,
-                    f"annotation {annotation.get('id')} has an invalid bbox "
-                    f"{annotation.get('bbox')}; dropped",
-                )
-            )
-            continue
-        annotations_by_image[image_id].append(annotation)
+        boxes.append(box)
+        classes.append(label)
+        segmentation = annotation.get("segmentation")
+        segments.append(segmentation if segmentation else None)
+        areas.append(float(annotation.get("area", box_w * box_h)))
+    return ImageRecord(
+        path,
+        Path(str(image["file_name"])).with_suffix("").as_posix(),
+        height,
+        width,
+        np.array(boxes, dtype=np.float32).reshape(-1, 4),
+        np.array(classes, dtype=np.int64),
+        segments=segments,
+        areas=np.array(areas, dtype=np.float64),
+        crowd=crowd,
+        apply_exif=apply_exif,
+    )
+
+
+def build_coco_records(
+    json_path: Path, image_dir: Path
+) -> tuple[list[ImageRecord], list[str], list[int], list[Problem]]:
+    """Read a COCO annotation file into records (original pixels, contiguous labels).
+
+    Returns:
+        Records, class names, original category id per label, and the problems found.
+    """
+    problems: list[Problem] = []
+    data = _load_annotation_file(json_path)
+    names, category_ids = _read_categories(json_path, data)
+    label_of = {category_id: label for label, category_id in enumerate(category_ids)}
+    images_by_id = _index_images(json_path, data, problems)
+    annotations_by_image = _group_annotations(json_path, data, images_by_id, label_of, problems)
 
     entries = sorted(images_by_id.values(), key=lambda image: str(image["file_name"]))
     paths = [image_dir / str(image["file_name"]) for image in entries]
@@ -174,78 +306,11 @@ def build_coco_records(
     for image, path in zip(entries, paths):
         if path not in usable:
             continue
-        height, width = usable[path]
-        apply_exif = True
-        stated = (int(image.get("height", height)), int(image.get("width", width)))
-        if stated != (height, width):
-            if stated == (width, height):
-                # The annotations were made on the stored pixels, before the EXIF rotation.
-                apply_exif, height, width = False, width, height
-                problems.append(
-                    Problem(
-                        str(path),
-                        None,
-                        "EXIF orientation ignored: the annotations use the stored pixels",
-                        "warning",
-                    )
-                )
-            else:
-                problems.append(
-                    Problem(
-                        str(path),
-                        None,
-                        f"size {height}x{width} differs from the json's {stated[0]}x{stated[1]}; skipped",
-                    )
-                )
-                continue
-        boxes, classes, segments, areas, crowd = [], [], [], [], []
-        for annotation in annotations_by_image[image["id"]]:
-            x, y, box_w, box_h = (float(value) for value in annotation["bbox"])
-            box = np.array([x, y, x + box_w, y + box_h]).clip([0, 0, 0, 0], [width, height, width, height])
-            label = label_of[annotation["category_id"]]
-            if annotation.get("iscrowd", 0):
-                crowd.append(
-                    {
-                        "bbox": [
-                            float(box[0]),
-                            float(box[1]),
-                            float(box[2] - box[0]),
-                            float(box[3] - box[1]),
-                        ],
-                        "area": float(annotation.get("area", box_w * box_h)),
-                        "segmentation": annotation.get("segmentation"),
-                        "category_id": label,
-                    }
-                )
-                continue
-            if box[2] <= box[0] or box[3] <= box[1]:
-                problems.append(
-                    Problem(
-                        str(json_path),
-                        None,
-                        f"annotation {annotation.get('id')} lies outside its image; dropped",
-                    )
-                )
-                continue
-            boxes.append(box)
-            classes.append(label)
-            segmentation = annotation.get("segmentation")
-            segments.append(segmentation if segmentation else None)
-            areas.append(float(annotation.get("area", box_w * box_h)))
-        records.append(
-            ImageRecord(
-                path,
-                Path(str(image["file_name"])).with_suffix("").as_posix(),
-                height,
-                width,
-                np.array(boxes, dtype=np.float32).reshape(-1, 4),
-                np.array(classes, dtype=np.int64),
-                segments=segments,
-                areas=np.array(areas, dtype=np.float64),
-                crowd=crowd,
-                apply_exif=apply_exif,
-            )
-        )
+        size = _oriented_size(image, path, *usable[path], problems)
+        if size is None:
+            continue
+        annotations = annotations_by_image[image["id"]]
+        records.append(_image_record(image, path, size, annotations, label_of, json_path, problems))
     return records, names, category_ids, problems
 
 

@@ -210,6 +210,107 @@ def _round_region(region: Box, out_hw: tuple[int, int]) -> tuple[int, int, int, 
     return x0, y0, x1, y1
 
 
+def _fit_boxes_to_masks(
+    boxes: np.ndarray, mapped: np.ndarray, masks: np.ndarray, origin: tuple[int, int]
+) -> None:
+    """Replace, in place, each box that clipping cut by the tight box of its visible mask.
+
+    A clipped box of a non-rectangular object is wider than its visible part; the warped
+    mask knows better.
+
+    Args:
+        boxes: ``[N, 4]`` xyxy boxes clipped to the visible region (input pixels); changed.
+        mapped: ``[N, 4]`` the same boxes before clipping.
+        masks: ``[N, h, w]`` uint8 masks warped into the tile.
+        origin: (x0, y0) of the tile in the input.
+    """
+    x0, y0 = origin
+    cut = np.flatnonzero(np.abs(boxes - mapped).max(axis=1) > 1e-6)
+    for row in cut:
+        tight = _mask_box(masks[row])
+        if tight is not None:
+            boxes[row] = tight + np.array([x0, y0, x0, y0])
+
+
+def _render_source(
+    raw: dict[str, Any],
+    frame: Frame,
+    tile: tuple[int, int, int, int],
+    canvas: np.ndarray,
+    *,
+    fill: int,
+    min_box_size: float,
+    min_area_ratio: float,
+    with_masks: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Warp one source image into its tile of ``canvas`` (in place) and map its targets.
+
+    Args:
+        raw: raw sample (``load_raw`` dict).
+        frame: its frame into the input.
+        tile: (x0, y0, x1, y1) whole-pixel, non-empty region of the input it fills.
+        canvas: ``[H, W, 3]`` uint8 network input being drawn.
+        fill: grey level of pixels without image content.
+        min_box_size: see :func:`box_candidates`.
+        min_area_ratio: see :func:`box_candidates`.
+        with_masks: warp the raw sample's masks too.
+
+    Returns:
+        ``[N, 4]`` xyxy boxes in input pixels, ``[N]`` int64 classes, and ``[N, H, W]``
+        uint8 masks (None without masks), for the N boxes kept.
+    """
+    x0, y0, x1, y1 = tile
+    out_h, out_w = canvas.shape[:2]
+    # Move the origin to the tile corner: the warp only produces the tile's pixels.
+    to_tile = compose_matrices(frame.matrix, scale_translate_matrix(1.0, 1.0, -x0, -y0))
+    canvas[y0:y1, x0:x1] = warp_image(raw["image"], to_tile, (y1 - y0, x1 - x0), fill)
+    region = (
+        max(frame.valid[0], x0),
+        max(frame.valid[1], y0),
+        min(frame.valid[2], x1),
+        min(frame.valid[3], y1),
+    )
+    mapped = transform_boxes(frame.matrix, raw["boxes"])
+    clipped = _clip_boxes(mapped, region)
+    keep = box_candidates(mapped, clipped, min_size=min_box_size, min_area_ratio=min_area_ratio)
+    kept_boxes = clipped[keep]
+    full = None
+    if with_masks:
+        masks = warp_masks(np.asarray(raw["masks"], dtype=np.uint8)[keep], to_tile, (y1 - y0, x1 - x0))
+        _fit_boxes_to_masks(kept_boxes, mapped[keep], masks, (x0, y0))
+        full = np.zeros((len(masks), out_h, out_w), dtype=np.uint8)
+        full[:, y0:y1, x0:x1] = masks
+    return kept_boxes, np.asarray(raw["cls"], dtype=np.int64)[keep], full
+
+
+def _stack_targets(
+    all_boxes: list[np.ndarray],
+    all_classes: list[np.ndarray],
+    all_masks: list[np.ndarray] | None,
+    out_hw: tuple[int, int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Concatenate the targets of the sources drawn.
+
+    Args:
+        all_boxes: ``[N_i, 4]`` xyxy boxes per source.
+        all_classes: ``[N_i]`` classes per source.
+        all_masks: ``[N_i, H, W]`` uint8 masks per source, or None without masks.
+        out_hw: (H, W) of the input.
+
+    Returns:
+        ``[N, 4]`` float32 boxes, ``[N]`` int64 classes and ``[N, H, W]`` uint8 masks (or None).
+    """
+    out_h, out_w = out_hw
+    boxes = np.concatenate(all_boxes) if all_boxes else np.zeros((0, 4))
+    classes = np.concatenate(all_classes) if all_classes else np.zeros((0,), dtype=np.int64)
+    masks_tensor = None
+    if all_masks is not None:
+        stacked = np.concatenate(all_masks) if all_masks else np.zeros((0, out_h, out_w), dtype=np.uint8)
+        masks_tensor = torch.from_numpy(stacked)
+    boxes_tensor = torch.from_numpy(boxes.astype(np.float32)).reshape(-1, 4)
+    return boxes_tensor, torch.from_numpy(classes.astype(np.int64)), masks_tensor
+
+
 def render_sample(
     raws: list[dict[str, Any]],
     frames: list[Frame],
@@ -242,54 +343,37 @@ def render_sample(
     out_h, out_w = out_hw
     canvas = np.full((out_h, out_w, 3), fill, dtype=np.uint8)
     with_masks = raws[0].get("masks") is not None
-    all_boxes, all_classes, all_masks = [], [], []
+    all_boxes, all_classes = [], []
+    all_masks: list[np.ndarray] | None = [] if with_masks else None
     kept_frames, kept_tiles, source_ids, source_paths = [], [], [], []
     for raw, frame, tile in zip(raws, frames, tiles, strict=True):
         x0, y0, x1, y1 = _round_region(tile, out_hw)
         if x1 <= x0 or y1 <= y0 or frame.valid_area <= 0:
             continue
-        # Move the origin to the tile corner: the warp only produces the tile's pixels.
-        to_tile = compose_matrices(frame.matrix, scale_translate_matrix(1.0, 1.0, -x0, -y0))
-        canvas[y0:y1, x0:x1] = warp_image(raw["image"], to_tile, (y1 - y0, x1 - x0), fill)
-        region = (
-            max(frame.valid[0], x0),
-            max(frame.valid[1], y0),
-            min(frame.valid[2], x1),
-            min(frame.valid[3], y1),
+        boxes, classes, masks = _render_source(
+            raw,
+            frame,
+            (x0, y0, x1, y1),
+            canvas,
+            fill=fill,
+            min_box_size=min_box_size,
+            min_area_ratio=min_area_ratio,
+            with_masks=with_masks,
         )
-        mapped = transform_boxes(frame.matrix, raw["boxes"])
-        clipped = _clip_boxes(mapped, region)
-        keep = box_candidates(mapped, clipped, min_size=min_box_size, min_area_ratio=min_area_ratio)
-        kept_boxes = clipped[keep]
-        if with_masks:
-            masks = warp_masks(np.asarray(raw["masks"], dtype=np.uint8)[keep], to_tile, (y1 - y0, x1 - x0))
-            # A clipped box of a non-rectangular object is wider than its visible part;
-            # the warped mask knows better.
-            cut = np.flatnonzero(np.abs(kept_boxes - mapped[keep]).max(axis=1) > 1e-6)
-            for row in cut:
-                tight = _mask_box(masks[row])
-                if tight is not None:
-                    kept_boxes[row] = tight + np.array([x0, y0, x0, y0])
-            full = np.zeros((len(masks), out_h, out_w), dtype=np.uint8)
-            full[:, y0:y1, x0:x1] = masks
-            all_masks.append(full)
-        all_boxes.append(kept_boxes)
-        all_classes.append(np.asarray(raw["cls"], dtype=np.int64)[keep])
+        if all_masks is not None and masks is not None:
+            all_masks.append(masks)
+        all_boxes.append(boxes)
+        all_classes.append(classes)
         kept_frames.append(frame)
         kept_tiles.append((float(x0), float(y0), float(x1), float(y1)))
         source_ids.append(raw["id"])
         source_paths.append(raw["path"])
-    boxes = np.concatenate(all_boxes) if all_boxes else np.zeros((0, 4))
-    classes = np.concatenate(all_classes) if all_classes else np.zeros((0,), dtype=np.int64)
-    masks_tensor = None
-    if with_masks:
-        stacked = np.concatenate(all_masks) if all_masks else np.zeros((0, out_h, out_w), dtype=np.uint8)
-        masks_tensor = torch.from_numpy(stacked)
+    boxes_tensor, classes_tensor, masks_tensor = _stack_targets(all_boxes, all_classes, all_masks, out_hw)
     primary = raws[0]
     return {
         "image": torch.from_numpy(canvas).permute(2, 0, 1).contiguous(),
-        "boxes": torch.from_numpy(boxes.astype(np.float32)).reshape(-1, 4),
-        "cls": torch.from_numpy(classes.astype(np.int64)),
+        "boxes": boxes_tensor,
+        "cls": classes_tensor,
         "masks": masks_tensor,
         "frames": kept_frames,
         "tiles": kept_tiles,

@@ -351,77 +351,178 @@ def _scan_chunks(
     Autocast is off inside: the scan is float32 whatever the caller's autocast, so the
     backward recomputation (which runs outside any autocast) rebuilds the same values.
     """
+    # NOTE: keep the order in which the helpers create tensors: autograd accumulates
+    # gradients in that order, so reordering would change the gradients' float rounding.
     with _autocast_off(u.device.type):
-        batch, channels, length = u.shape
-        state_size = A.shape[1]
+        length = u.shape[-1]
         num_chunks = max(1, math.ceil(length / chunk_size))
-        padding = num_chunks * chunk_size - length
-
         input_float = u.float()
-        step = delta.float()
-        if delta_bias is not None:
-            step = step + delta_bias.float()[:, None]
-        if delta_softplus:
-            step = F.softplus(step)
-        input_matrix = _grouped(B).float()
-        output_matrix = _grouped(C).float()
-        if padding:
-            # A zero step leaves the state untouched (decay exp(0) = 1, input 0), so padded
-            # positions change neither the outputs kept nor the last state.
-            step = F.pad(step, (0, padding))
-            stepped_input = F.pad(step[..., :length] * input_float, (0, padding))
-            input_matrix = F.pad(input_matrix, (0, padding))
-            output_matrix = F.pad(output_matrix, (0, padding))
-        else:
-            stepped_input = step * input_float
-
-        # Time-major layout [T, chunks, B, D, N]: each step of the loops below reads one
-        # contiguous slab, and unbind (whose backward is a single stack) splits them.
-        step_t = _time_major(step, num_chunks, chunk_size)  # [T, c, B, D]
-        stepped_input_t = _time_major(stepped_input, num_chunks, chunk_size)  # [T, c, B, D]
-        input_matrix_t = _time_major(input_matrix, num_chunks, chunk_size)  # [T, c, B, G_b, N]
-        output_matrix_t = _time_major(output_matrix, num_chunks, chunk_size)  # [T, c, B, G_c, N]
-        groups_in, groups_out = input_matrix_t.shape[3], output_matrix_t.shape[3]
-        grid = (chunk_size, num_chunks, batch)
-
-        log_decay = step_t.unsqueeze(-1) * A.float()  # [T, c, B, D, N]
-        decays = torch.exp(log_decay)
-        state_inputs = (
-            stepped_input_t.view(*grid, groups_in, channels // groups_in, 1) * input_matrix_t.unsqueeze(-2)
-        ).view(*grid, channels, state_size)  # [T, c, B, D, N]
-        decay_rows, input_rows = decays.unbind(0), state_inputs.unbind(0)
-
-        # 1. What each chunk adds to a zero state, and how much it decays a state passing through.
-        chunk_states = input_rows[0]
-        for decay, state_input in zip(decay_rows[1:], input_rows[1:]):
-            chunk_states = torch.addcmul(state_input, decay, chunk_states)
-        chunk_decays = torch.exp(log_decay.sum(dim=0))  # [c, B, D, N]
-
-        # 2. Carry the state across chunks.
-        if initial_state is None:
-            initial_state = torch.zeros_like(chunk_states[0])
-        start_states = [initial_state.float()]
-        for chunk_decay, chunk_state in zip(chunk_decays.unbind(0), chunk_states.unbind(0)):
-            start_states.append(torch.addcmul(chunk_state, chunk_decay, start_states[-1]))
-        last_state = start_states.pop()
-        state = torch.stack(start_states, dim=0)  # [c, B, D, N]
-
-        # 3. Every chunk in parallel from its start state, one position at a time; then all
-        # outputs y_t = C_t . h_t in one batched product.
-        states = []
-        for decay, state_input in zip(decay_rows, input_rows):
-            state = torch.addcmul(state_input, decay, state)
-            states.append(state)
-        all_states = torch.stack(states, dim=0).view(*grid, groups_out, channels // groups_out, state_size)
-        output = torch.matmul(all_states, output_matrix_t.unsqueeze(-1))  # [T, c, B, G_c, D / G_c, 1]
-        output = output.view(chunk_size, num_chunks, batch, channels)
-        output = output.permute(2, 3, 1, 0).reshape(batch, channels, num_chunks * chunk_size)[..., :length]
-
+        step_t, stepped_input_t, input_matrix_t, output_matrix_t = _time_major_inputs(
+            input_float, delta, B, C, delta_bias, delta_softplus, num_chunks, chunk_size
+        )
+        log_decay, decay_rows, input_rows = _discretize(step_t, stepped_input_t, input_matrix_t, A)
+        chunk_states, chunk_decays = _chunk_summaries(log_decay, decay_rows, input_rows)
+        start_states, last_state = _carry_across_chunks(chunk_states, chunk_decays, initial_state)
+        output = _chunk_outputs(decay_rows, input_rows, start_states, output_matrix_t)[..., :length]
         if D is not None:
             output = output + input_float * D.float()[:, None]
         if z is not None:
             output = output * F.silu(z.float())
         return output.to(u.dtype), last_state
+
+
+def _time_major_inputs(
+    input_float: torch.Tensor,
+    delta: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    delta_bias: torch.Tensor | None,
+    delta_softplus: bool,
+    num_chunks: int,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The float32 scan inputs, padded to ``c * T`` steps, in time-major chunks.
+
+    Args:
+        input_float: ``[B, D, L]`` float32 input sequence.
+        delta: ``[B, D, L]`` step sizes.
+        B: ``[B, N, L]`` or ``[B, G_b, N, L]`` input matrix.
+        C: ``[B, N, L]`` or ``[B, G_c, N, L]`` output matrix.
+        delta_bias: ``[D]`` step-size bias.
+        delta_softplus: Apply softplus to ``delta + delta_bias``.
+        num_chunks: ``c``, with ``c * T >= L``.
+        chunk_size: ``T``.
+
+    Returns:
+        Steps ``delta`` and ``delta * u``, each ``[T, c, B, D]``; the input and output
+        matrices, ``[T, c, B, G_b, N]`` and ``[T, c, B, G_c, N]``. Layout [T, c, ...]: each
+        step of the scan loops reads one contiguous slab, and unbind (whose backward is a
+        single stack) splits them.
+    """
+    length = input_float.shape[-1]
+    padding = num_chunks * chunk_size - length
+    step = delta.float()
+    if delta_bias is not None:
+        step = step + delta_bias.float()[:, None]
+    if delta_softplus:
+        step = F.softplus(step)
+    input_matrix = _grouped(B).float()
+    output_matrix = _grouped(C).float()
+    if padding:
+        # A zero step leaves the state untouched (decay exp(0) = 1, input 0), so padded
+        # positions change neither the outputs kept nor the last state.
+        step = F.pad(step, (0, padding))
+        stepped_input = F.pad(step[..., :length] * input_float, (0, padding))
+        input_matrix = F.pad(input_matrix, (0, padding))
+        output_matrix = F.pad(output_matrix, (0, padding))
+    else:
+        stepped_input = step * input_float
+    return (
+        _time_major(step, num_chunks, chunk_size),
+        _time_major(stepped_input, num_chunks, chunk_size),
+        _time_major(input_matrix, num_chunks, chunk_size),
+        _time_major(output_matrix, num_chunks, chunk_size),
+    )
+
+
+def _discretize(
+    step_t: torch.Tensor, stepped_input_t: torch.Tensor, input_matrix_t: torch.Tensor, A: torch.Tensor
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """The per-step decay ``exp(delta * A)`` and state input ``delta * B * u``.
+
+    Args:
+        step_t: ``[T, c, B, D]`` steps ``delta``.
+        stepped_input_t: ``[T, c, B, D]`` ``delta * u``.
+        input_matrix_t: ``[T, c, B, G_b, N]`` input matrix.
+        A: ``[D, N]`` state matrix.
+
+    Returns:
+        ``[T, c, B, D, N]`` log decays ``delta * A``; ``T`` decays and ``T`` state inputs, ``[c, B, D, N]``.
+    """
+    chunk_size, num_chunks, batch, channels = step_t.shape
+    groups_in, state_size = input_matrix_t.shape[3], A.shape[1]
+    grid = (chunk_size, num_chunks, batch)
+    log_decay = step_t.unsqueeze(-1) * A.float()  # [T, c, B, D, N]
+    decays = torch.exp(log_decay)
+    state_inputs = (
+        stepped_input_t.view(*grid, groups_in, channels // groups_in, 1) * input_matrix_t.unsqueeze(-2)
+    ).view(*grid, channels, state_size)  # [T, c, B, D, N]
+    return log_decay, decays.unbind(0), state_inputs.unbind(0)
+
+
+def _chunk_summaries(
+    log_decay: torch.Tensor, decay_rows: tuple[torch.Tensor, ...], input_rows: tuple[torch.Tensor, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 1: what each chunk adds to a zero state, and how much it decays a state passing through.
+
+    Args:
+        log_decay: ``[T, c, B, D, N]`` ``delta * A``.
+        decay_rows: ``T`` decays of ``[c, B, D, N]``.
+        input_rows: ``T`` state inputs of ``[c, B, D, N]``.
+
+    Returns:
+        ``[c, B, D, N]`` chunk states and ``[c, B, D, N]`` chunk decays.
+    """
+    chunk_states = input_rows[0]
+    for decay, state_input in zip(decay_rows[1:], input_rows[1:]):
+        chunk_states = torch.addcmul(state_input, decay, chunk_states)
+    chunk_decays = torch.exp(log_decay.sum(dim=0))  # [c, B, D, N]
+    return chunk_states, chunk_decays
+
+
+def _carry_across_chunks(
+    chunk_states: torch.Tensor, chunk_decays: torch.Tensor, initial_state: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 2: carry the state from chunk to chunk.
+
+    Args:
+        chunk_states: ``[c, B, D, N]`` what each chunk adds to a zero state.
+        chunk_decays: ``[c, B, D, N]`` how much each chunk decays a state passing through.
+        initial_state: ``[B, D, N]`` state before the first chunk (zero when None).
+
+    Returns:
+        ``[c, B, D, N]`` float32 state before each chunk and the ``[B, D, N]`` last state.
+    """
+    if initial_state is None:
+        initial_state = torch.zeros_like(chunk_states[0])
+    start_states = [initial_state.float()]
+    for chunk_decay, chunk_state in zip(chunk_decays.unbind(0), chunk_states.unbind(0)):
+        start_states.append(torch.addcmul(chunk_state, chunk_decay, start_states[-1]))
+    last_state = start_states.pop()
+    return torch.stack(start_states, dim=0), last_state
+
+
+def _chunk_outputs(
+    decay_rows: tuple[torch.Tensor, ...],
+    input_rows: tuple[torch.Tensor, ...],
+    start_states: torch.Tensor,
+    output_matrix_t: torch.Tensor,
+) -> torch.Tensor:
+    """Step 3: every chunk in parallel from its start state, one position at a time; then
+    all outputs ``y_t = C_t . h_t`` in one batched product.
+
+    Args:
+        decay_rows: ``T`` decays of ``[c, B, D, N]``.
+        input_rows: ``T`` state inputs of ``[c, B, D, N]``.
+        start_states: ``[c, B, D, N]`` state before each chunk.
+        output_matrix_t: ``[T, c, B, G_c, N]`` output matrix.
+
+    Returns:
+        ``[B, D, c * T]`` outputs (padded positions included).
+    """
+    chunk_size, num_chunks, batch, groups_out, state_size = output_matrix_t.shape
+    channels = start_states.shape[2]
+    grid = (chunk_size, num_chunks, batch)
+    state = start_states
+    states = []
+    for decay, state_input in zip(decay_rows, input_rows):
+        state = torch.addcmul(state_input, decay, state)
+        states.append(state)
+    all_states = torch.stack(states, dim=0).view(*grid, groups_out, channels // groups_out, state_size)
+    output = torch.matmul(all_states, output_matrix_t.unsqueeze(-1))  # [T, c, B, G_c, D / G_c, 1]
+    output = output.view(chunk_size, num_chunks, batch, channels)
+    return output.permute(2, 3, 1, 0).reshape(batch, channels, num_chunks * chunk_size)
+
 
 def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
     """``autocast(enabled=False)``, or nothing for device types without autocast (e.g. meta)."""
