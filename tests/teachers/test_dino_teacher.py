@@ -1,13 +1,20 @@
-"""DINO / DINOv2 / DINOv3 teachers: official checkpoint layout in, timm's features out.
+"""DINO / DINOv2 / DINOv3 teachers: official checkpoints in, the official code's tokens out.
 
-Each exactness test builds timm's model at random init, writes its weights under the
+DINO and DINOv2 are checked against Meta's own forward (``official_dino.py``, an
+attributed copy used as the oracle only) at the native size and at others, where the
+official models resample their position table at every forward. DINOv3 (licence: the
+DINOv3 License, so no copy) is checked against timm's model, whose RoPE follows Meta's
+formula, rebuilt here from the formula with the checkpoint's stored periods.
+
+The timm comparisons build timm's model at random init, write its weights under the
 OFFICIAL key names (``register_tokens``, ``storage_tokens``, ``ls1.gamma``, a DINOv3
-``qkv.bias`` with its masked key part, ``mask_token``, ...), loads that through the
-teacher and compares with timm's ``forward_features`` on the same input.
+``qkv.bias`` with its masked key part, ``mask_token``, ``rope_embed.periods``, ...), load
+that through the teacher and compare with timm's ``forward_features`` on the same input.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import numpy as np
@@ -17,8 +24,18 @@ import torch
 import torch.nn.functional as F
 from timm.models import eva, vision_transformer
 
+from official_dino import DinoV1VisionTransformer, DinoV2VisionTransformer
+from vfmkd.features.extract import extract_features
+from vfmkd.features.store import FeatureStore
 from vfmkd.registry import TEACHERS
-from vfmkd.teachers.dino_teacher import DINO_VARIANTS, IMAGENET_MEAN, IMAGENET_STD, DinoTeacher, official_state_dict
+from vfmkd.teachers.dino_teacher import (
+    DINO_VARIANTS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DinoTeacher,
+    official_state_dict,
+    resample_position_table,
+)
 
 TOLERANCE = 1e-4
 
@@ -68,8 +85,14 @@ def _official_layout(
                 key = key.replace(timm_part, official_part)
             official[key] = value
     official["mask_token"] = torch.randn(1, embed_dim, generator=generator)
-    official["rope_embed.periods"] = torch.arange(embed_dim // num_heads // 4, dtype=torch.float32) + 1.0
+    official["rope_embed.periods"] = _bfloat16_periods(embed_dim // num_heads)
     return official
+
+
+def _bfloat16_periods(head_dim: int, base: float = 100.0) -> torch.Tensor:
+    """DINOv3's RoPE periods as its released files hold them: computed and stored in bfloat16."""
+    exponents = 2 * torch.arange(head_dim // 4, dtype=torch.bfloat16) / (head_dim // 2)
+    return base ** exponents
 
 
 def _tokens_to_features(tokens: torch.Tensor, prefix: int, grid: int) -> dict[str, torch.Tensor]:
@@ -83,23 +106,26 @@ def image() -> np.ndarray:
     return rng.integers(0, 256, size=(90, 130, 3), dtype=np.uint8)
 
 
-CASES = [
-    ("dino_vits16", 160),
-    ("dinov2_vits14", 112),
-    ("dinov2_vits14_reg", 112),
-    ("dinov3_vits16", 128),
-    ("dinov3_vits16plus", 96),
+TIMM_CASES = [
+    ("dino_vits16", (224,)),
+    ("dinov2_vits14", (518,)),
+    ("dinov2_vits14_reg", (518,)),
+    ("dinov3_vits16", (256, 128)),
+    ("dinov3_vits16plus", (256, 96)),
 ]
 
 
-@pytest.mark.parametrize(("name", "other_size"), CASES)
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "sizes"), TIMM_CASES)
 def test_official_checkpoint_gives_timm_features(
     name: str,
-    other_size: int,
+    sizes: tuple[int, ...],
     image: np.ndarray,
     randomise_constant_parameters: Callable[..., None],
     max_abs_error: Callable[[torch.Tensor, torch.Tensor], float],
 ) -> None:
+    """timm equals Meta's code where no position table is resampled: DINO / DINOv2 at the
+    native size, DINOv3 (RoPE) at every size, with the checkpoint's stored periods."""
     variant = DINO_VARIANTS[name]
     torch.manual_seed(0)
     reference = _reference_model(name, variant.default_image_size)
@@ -107,14 +133,14 @@ def test_official_checkpoint_gives_timm_features(
     timm_state = {key: value.clone() for key, value in reference.state_dict().items()}
     official = _official_layout(timm_state, variant.family)
 
-    for size in (variant.default_image_size, other_size):
+    for size in sizes:
         teacher = TEACHERS.get(name)(checkpoint=official, image_size=size)
         assert teacher.image_size == size
-        if size != variant.default_image_size:
-            # timm's own path for pretrained weights at another size: its filter on timm's keys.
-            reference = _reference_model(name, size)
-            module = eva if variant.family == "dinov3" else vision_transformer
-            reference.load_state_dict(module.checkpoint_filter_fn(dict(timm_state), reference))
+        reference = _reference_model(name, size)
+        reference.load_state_dict(eva.checkpoint_filter_fn(dict(timm_state), reference)
+                                  if variant.family == "dinov3" else timm_state)
+        if variant.family == "dinov3":
+            reference.rope.periods.copy_(official["rope_embed.periods"])
         pixels, frame = teacher.preprocess_image(image)
         batch = pixels[None]
         features = teacher.extract(batch)
@@ -133,6 +159,186 @@ def test_official_checkpoint_gives_timm_features(
             channels, variant.patch_size, grid)
         assert (specs["cls"].stride, specs["cls"].height, specs["cls"].width) == (0, 1, 1)
         assert frame.input_size == (size, size)
+
+
+# --------------------------------------------------------------- Meta's own code
+def _official_model(name: str) -> torch.nn.Module:
+    """Meta's model as its hub function builds it (``dinov2_vits14``: img_size 518, init_values 1.0, ...)."""
+    variant = DINO_VARIANTS[name]
+    if variant.family == "dino":
+        return DinoV1VisionTransformer(img_size=224, patch_size=variant.patch_size)
+    return DinoV2VisionTransformer(
+        img_size=518, patch_size=14, init_values=1.0, num_register_tokens=4 if name.endswith("_reg") else 0,
+        interpolate_antialias=name.endswith("_reg"), interpolate_offset=0.0 if name.endswith("_reg") else 0.1,
+    )
+
+
+def _official_features(model: torch.nn.Module, pixels: torch.Tensor, patch_size: int) -> dict[str, torch.Tensor]:
+    """``patch [B, C, g, g]`` and ``cls [B, C, 1, 1]``: DINOv2's ``x_norm_patchtokens`` / ``x_norm_clstoken``,
+    DINO's normed tokens of the last block (``get_intermediate_layers(x, 1)``)."""
+    with torch.inference_mode():
+        if isinstance(model, DinoV1VisionTransformer):
+            tokens = model.get_intermediate_layers(pixels, 1)[0]
+            patch, cls = tokens[:, 1:], tokens[:, 0]
+        else:
+            output = model.forward_features(pixels)
+            patch, cls = output["x_norm_patchtokens"], output["x_norm_clstoken"]
+    grid = pixels.shape[-1] // patch_size
+    return {"patch": patch.reshape(pixels.shape[0], grid, grid, -1).permute(0, 3, 1, 2),
+            "cls": cls[:, :, None, None]}
+
+
+class _OneImage:
+    """The smallest data set ``extract_features`` reads: one image."""
+
+    def __init__(self, image: np.ndarray) -> None:
+        self.image = image
+        self.ids = ["image"]
+
+    def __len__(self) -> int:
+        return 1
+
+    def load_raw(self, index: int) -> dict:
+        return {"image": self.image, "id": self.ids[index]}
+
+
+META_CASES = [
+    ("dino_vits16", (224, 320)),
+    ("dino_vits8", (96,)),  # downsampled table: 28 -> 12
+    ("dinov2_vits14", (518, 224, 112)),
+    ("dinov2_vits14_reg", (518, 224)),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "sizes"), META_CASES)
+def test_tokens_equal_metas_code_at_every_size(
+    name: str,
+    sizes: tuple[int, ...],
+    non_square_image: np.ndarray,
+    tmp_path,
+    randomise_constant_parameters: Callable[..., None],
+    max_abs_error: Callable[[torch.Tensor, torch.Tensor], float],
+) -> None:
+    variant = DINO_VARIANTS[name]
+    torch.manual_seed(0)
+    official_model = _official_model(name).eval()
+    randomise_constant_parameters(official_model, seed=2)
+    checkpoint = {key: value.clone() for key, value in official_model.state_dict().items()}
+
+    checked_other_paths = False
+    for size in sizes:
+        teacher = TEACHERS.get(name)(checkpoint=checkpoint, image_size=size)
+        pixels, _ = teacher.preprocess_image(non_square_image)
+        expected = _official_features(official_model, pixels[None], variant.patch_size)
+        features = teacher.extract(pixels[None])
+        for key in ("patch", "cls"):
+            assert max_abs_error(features[key], expected[key]) <= TOLERANCE, (name, size, key)
+        if size == variant.default_image_size or checked_other_paths:
+            continue
+        checked_other_paths = True
+        # The test can fail: timm's own resampling of the table is not Meta's.
+        timm_resampled = _reference_model(name, size)
+        timm_resampled.load_state_dict(timm_resampled_state(checkpoint, timm_resampled))
+        with torch.inference_mode():
+            tokens = timm_resampled.forward_features(pixels[None])
+        timm_patch = _tokens_to_features(tokens, timm_resampled.num_prefix_tokens, size // variant.patch_size)["patch"]
+        if not variant.position_antialias:
+            assert max_abs_error(timm_patch, expected["patch"]) > 100 * TOLERANCE, (name, size)
+        # And from a float32 store, as training reads it.
+        store = extract_features(teacher, _OneImage(non_square_image), tmp_path / f"{name}-{size}", dtype="float32",
+                                 batch_size=1, num_workers=0, progress=False)
+        stored = FeatureStore.open(store.path).read("image")
+        for key in ("patch", "cls"):
+            assert max_abs_error(torch.from_numpy(stored[key])[None], expected[key]) <= TOLERANCE, (name, size, key)
+
+
+def timm_resampled_state(checkpoint: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """An official checkpoint through timm's filter alone (its own resampling of the table)."""
+    return vision_transformer.checkpoint_filter_fn(dict(checkpoint), model)
+
+
+@pytest.mark.parametrize(("offset", "antialias"), [(0.1, False), (0.0, True)])
+@pytest.mark.parametrize("grid", [37, 16, 8, 40, 3])
+def test_position_table_is_resampled_by_metas_rule(offset: float, antialias: bool, grid: int) -> None:
+    torch.manual_seed(0)
+    official = DinoV2VisionTransformer(img_size=518, patch_size=14, embed_dim=8, depth=0, num_heads=1,
+                                       interpolate_offset=offset, interpolate_antialias=antialias)
+    with torch.no_grad():
+        official.pos_embed.normal_()
+    tokens = torch.zeros(1, 1 + grid * grid, 8)
+    expected = official.interpolate_pos_encoding(tokens, grid * 14, grid * 14)
+    ours = resample_position_table(official.pos_embed.detach(), grid, offset=offset, antialias=antialias)
+    assert torch.equal(ours, expected.detach())
+    with pytest.raises(ValueError, match="not a square grid"):
+        resample_position_table(torch.zeros(1, 1 + 10, 8), 4, offset=offset, antialias=antialias)
+
+
+def test_loaded_table_is_metas_for_every_rule() -> None:
+    """The table in the loaded model is the official resampling (class position folded in for registers)."""
+    torch.manual_seed(0)
+    for name in ("dino_vits16", "dinov2_vits14", "dinov2_vits14_reg"):
+        official = _official_model(name)
+        with torch.no_grad():
+            official.pos_embed.normal_()
+        variant = DINO_VARIANTS[name]
+        teacher = TEACHERS.get(name)(checkpoint=official.state_dict(), image_size=8 * variant.patch_size)
+        expected = resample_position_table(official.pos_embed.detach(), 8, offset=variant.position_offset,
+                                           antialias=variant.position_antialias)
+        loaded = teacher.model.pos_embed.detach()
+        if name.endswith("_reg"):  # timm keeps no class position in the table
+            assert torch.equal(loaded, expected[:, 1:])
+            assert torch.equal(teacher.model.cls_token.detach(), official.cls_token.detach() + expected[:, :1])
+        else:
+            assert torch.equal(loaded, expected)
+
+
+def test_stores_at_other_sizes_name_the_changed_position_embedding() -> None:
+    """Stores made before the fix at non-native sizes are refused with the reason; native ones stay valid."""
+    torch.manual_seed(0)
+    old_text = "absolute table resampled once at load to the input grid by timm (bicubic, antialias)"
+    native = TEACHERS.get("dinov2_vits14")(image_size=518).preprocessing()
+    assert native["position_embedding"] == old_text
+    assert "rope_periods" not in native
+    other = TEACHERS.get("dinov2_vits14")(image_size=224).preprocessing()
+    assert other["position_embedding"] != old_text
+    assert "interpolate_pos_encoding" in other["position_embedding"] and "0.1" in other["position_embedding"]
+    registers = TEACHERS.get("dinov2_vits14_reg")(image_size=224).preprocessing()["position_embedding"]
+    assert "antialias" in registers and "no antialias" not in registers and "0.1" not in registers
+    assert TEACHERS.get("dino_vits16")(image_size=224).preprocessing()["position_embedding"] == old_text
+
+
+# --------------------------------------------------------------- DINOv3 RoPE
+def _metas_rope(periods: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """DINOv3's RoPE ``[H * W, 2 * D]`` (sin then cos), written from its formula: coordinates
+    at patch centres scaled to [-1, 1] per axis, angles ``2 pi x / period``, (y, x) bands
+    tiled twice."""
+    coords_y = (torch.arange(height, dtype=torch.float32) + 0.5) / height
+    coords_x = (torch.arange(width, dtype=torch.float32) + 0.5) / width
+    coords = torch.stack(torch.meshgrid(coords_y, coords_x, indexing="ij"), dim=-1).flatten(0, 1) * 2.0 - 1.0
+    angles = (2 * math.pi * coords[:, :, None] / periods.float()[None, None, :]).flatten(1).tile(2)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+def test_dinov3_uses_the_checkpoints_rope_periods(max_abs_error: Callable[[torch.Tensor, torch.Tensor], float]) -> None:
+    torch.manual_seed(0)
+    reference = _reference_model("dinov3_vits16", 256)
+    official = _official_layout(reference.state_dict(), "dinov3")
+    stored = official["rope_embed.periods"]
+    assert stored.dtype == torch.bfloat16
+    teacher = TEACHERS.get("dinov3_vits16")(checkpoint=official, image_size=64)
+    rope = teacher.model.rope
+    assert torch.equal(rope.periods, stored.float())
+    assert teacher.stored_rope_periods and "rope_periods" in teacher.preprocessing()
+    assert max_abs_error(rope.get_embed(shape=(4, 6)), _metas_rope(stored, 4, 6)) <= 1e-6
+    # The periods matter: timm's float32 ones give other tokens.
+    exact = dict(official, **{"rope_embed.periods": reference.rope.periods.clone()})
+    recomputed = TEACHERS.get("dinov3_vits16")(checkpoint=exact, image_size=64)
+    assert not recomputed.stored_rope_periods and "rope_periods" not in recomputed.preprocessing()
+    pixels = torch.randn(1, 3, 64, 64)
+    assert max_abs_error(teacher.extract(pixels)["patch"], recomputed.extract(pixels)["patch"]) > 0
+    with pytest.raises(ValueError, match="rope_embed.periods"):
+        TEACHERS.get("dinov3_vits16")(checkpoint=dict(official, **{"rope_embed.periods": torch.ones(3)}))
 
 
 def test_official_dinov2_register_layout_is_the_published_one() -> None:

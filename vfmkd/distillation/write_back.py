@@ -10,7 +10,7 @@ it offline instead of running the teacher:
   features extract`` does;
 - in the main process, :class:`StoreWriteBack` runs the teacher on those inputs (float32,
   autocast off) and hands the maps to this rank's
-  :class:`~vfmkd.features.store.ShardWriter`, whose small shards a background thread
+  :class:`~vfmkd.features.writer.ShardWriter`, whose small shards a background thread
   commits atomically, so the store is valid at every moment;
 - after every epoch the partial shard is committed and the manifest rewritten; the
   workers reopen the store when the next epoch starts, so a sample written during an

@@ -25,16 +25,26 @@ Features (both after the final LayerNorm, as the official ``x_norm_patchtokens``
 Input: the image resized to a square ``S x S`` (aspect ratio not kept). Default ``S``:
 224 for DINO (its training and evaluation crop), 518 for DINOv2 (its pretrained size:
 the 37 x 37 position table needs no resampling), 256 for DINOv3 (timm's pretrained
-config; RoPE has no table). ``S`` must be a multiple of ``p``. At another ``S`` the
-DINO/DINOv2 position table is resampled once at load by timm (bicubic, antialiased),
-which matches ``timm.create_model(..., pretrained=True, img_size=S)`` exactly and the
-official hub models' per-forward ``interpolate_pos_encoding`` only approximately.
+config; RoPE has no table). ``S`` must be a multiple of ``p``.
+
+Exact to Meta's own code at every ``S``: at another size than the table's, Meta's models
+resample the absolute position table at every forward (``interpolate_pos_encoding``),
+bicubic, with the flags of each hub function: DINO and DINOv2 with a scale factor of
+``(g + 0.1) / M`` and no antialiasing, DINOv2 with registers to the size ``g`` with
+antialiasing (``g``: the input's patch grid, ``M``: the table's). The teacher resamples
+the table once at load by the same rule (:func:`resample_position_table`), so its tokens
+equal the official ``forward_features`` (timm's own checkpoint filter resamples with
+antialiasing and no offset, which differs by up to ~0.4 for DINO / DINOv2). DINOv3
+builds its RoPE for the input grid; the periods a checkpoint stores
+(``rope_embed.periods``, rounded to bfloat16 in Meta's files) are used as stored, as
+Meta's hub model does, where timm would recompute them in float32.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -48,7 +58,10 @@ from vfmkd.teachers.base import BaseTeacher, FeatureSpec
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DINO_VARIANTS", "DinoTeacher", "DinoVariant", "IMAGENET_MEAN", "IMAGENET_STD", "official_to_timm"]
+__all__ = [
+    "DINO_VARIANTS", "DinoTeacher", "DinoVariant", "IMAGENET_MEAN", "IMAGENET_STD", "official_to_timm",
+    "resample_position_table",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -69,6 +82,10 @@ class DinoVariant:
         default_image_size: side of the square input when none is given.
         timm_name_without_qkv_bias: DINOv3 only: the timm twin without query/value
             biases, for a checkpoint that has no ``attn.qkv.bias``.
+        position_offset: DINO / DINOv2: ``interpolate_offset`` of the official hub
+            function (0.1; 0.0 for DINOv2 with registers, which then resamples to a size).
+        position_antialias: DINO / DINOv2: ``interpolate_antialias`` of the official hub
+            function (False; True for DINOv2 with registers).
     """
 
     timm_name: str
@@ -76,6 +93,13 @@ class DinoVariant:
     patch_size: int
     default_image_size: int
     timm_name_without_qkv_bias: str | None = None
+    position_offset: float = 0.1
+    position_antialias: bool = False
+
+    @property
+    def has_position_table(self) -> bool:
+        """DINO / DINOv2: an absolute position table; DINOv3: RoPE."""
+        return self.family != "dinov3"
 
 
 def _dinov3(size: str) -> DinoVariant:
@@ -84,6 +108,12 @@ def _dinov3(size: str) -> DinoVariant:
     return DinoVariant(
         f"vit_{size}_patch16_dinov3_qkvb.lvd1689m", "dinov3", 16, 256, f"vit_{size}_patch16_dinov3.lvd1689m"
     )
+
+
+def _dinov2_registers(timm_name: str) -> DinoVariant:
+    # NOTE: Meta's hub builds the register models with interpolate_antialias=True,
+    # interpolate_offset=0.0, unlike the DINOv2 models without registers.
+    return DinoVariant(timm_name, "dinov2", 14, 518, position_offset=0.0, position_antialias=True)
 
 
 DINO_VARIANTS: dict[str, DinoVariant] = {
@@ -95,10 +125,10 @@ DINO_VARIANTS: dict[str, DinoVariant] = {
     "dinov2_vitb14": DinoVariant("vit_base_patch14_dinov2.lvd142m", "dinov2", 14, 518),
     "dinov2_vitl14": DinoVariant("vit_large_patch14_dinov2.lvd142m", "dinov2", 14, 518),
     "dinov2_vitg14": DinoVariant("vit_giant_patch14_dinov2.lvd142m", "dinov2", 14, 518),
-    "dinov2_vits14_reg": DinoVariant("vit_small_patch14_reg4_dinov2.lvd142m", "dinov2", 14, 518),
-    "dinov2_vitb14_reg": DinoVariant("vit_base_patch14_reg4_dinov2.lvd142m", "dinov2", 14, 518),
-    "dinov2_vitl14_reg": DinoVariant("vit_large_patch14_reg4_dinov2.lvd142m", "dinov2", 14, 518),
-    "dinov2_vitg14_reg": DinoVariant("vit_giant_patch14_reg4_dinov2.lvd142m", "dinov2", 14, 518),
+    "dinov2_vits14_reg": _dinov2_registers("vit_small_patch14_reg4_dinov2.lvd142m"),
+    "dinov2_vitb14_reg": _dinov2_registers("vit_base_patch14_reg4_dinov2.lvd142m"),
+    "dinov2_vitl14_reg": _dinov2_registers("vit_large_patch14_reg4_dinov2.lvd142m"),
+    "dinov2_vitg14_reg": _dinov2_registers("vit_giant_patch14_reg4_dinov2.lvd142m"),
     "dinov3_vits16": _dinov3("small"),
     "dinov3_vits16plus": _dinov3("small_plus"),
     "dinov3_vitb16": _dinov3("base"),
@@ -147,8 +177,16 @@ class DinoTeacher(BaseTeacher):
         ):
             self.timm_name = variant.timm_name_without_qkv_bias
         self.model = _create_timm_model(self.timm_name, self.image_size, dynamic_img_size=variant.family == "dinov3")
+        # Whether the RoPE periods came from the checkpoint and differ from timm's float32 formula.
+        self.stored_rope_periods = False
         if state_dict is not None:
+            if variant.has_position_table:
+                state_dict = _position_table_for_grid(state_dict, variant, self.image_size // variant.patch_size)
             _load_official(self.model, state_dict, variant_name)
+            if "rope_embed.periods" in state_dict:
+                self.stored_rope_periods = _use_stored_rope_periods(
+                    self.model, state_dict["rope_embed.periods"], variant_name
+                )
         self.eval()
 
     @property
@@ -226,12 +264,7 @@ class DinoTeacher(BaseTeacher):
         return {"patch": patch, "cls": cls}
 
     def preprocessing(self) -> dict[str, Any]:
-        position = (
-            "RoPE computed for the input grid"
-            if self.variant.family == "dinov3"
-            else "absolute table resampled once at load to the input grid by timm (bicubic, antialias)"
-        )
-        return {
+        settings = {
             "resize": "square (aspect ratio not kept)",
             "image_size": self.image_size,
             "input": "RGB uint8 / 255 as float32",
@@ -242,8 +275,28 @@ class DinoTeacher(BaseTeacher):
             "pixel_mean": list(IMAGENET_MEAN),
             "pixel_std": list(IMAGENET_STD),
             "timm_model": self.timm_name,
-            "position_embedding": position,
+            "position_embedding": self._position_embedding(),
         }
+        if self.stored_rope_periods:
+            settings["rope_periods"] = "rope_embed.periods as stored in the checkpoint (Meta's hub model)"
+        return settings
+
+    def _position_embedding(self) -> str:
+        """How the input grid gets its positions; a changed text refuses stores made otherwise."""
+        variant = self.variant
+        if not variant.has_position_table:
+            return "RoPE computed for the input grid"
+        if self.image_size == variant.default_image_size:
+            # NOTE: the text of stores made before the resampling followed Meta's code; at
+            # the native size nothing is resampled, so those stores stay valid.
+            return "absolute table resampled once at load to the input grid by timm (bicubic, antialias)"
+        rule = (
+            f"scale factor (grid + {variant.position_offset}) / table grid"
+            if variant.position_offset
+            else "to the grid size"
+        )
+        antialias = "antialias" if variant.position_antialias else "no antialias"
+        return f"absolute table resampled once at load as Meta's interpolate_pos_encoding (bicubic, {rule}, {antialias})"
 
 
 # --------------------------------------------------------------------- loading
@@ -274,11 +327,91 @@ def official_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor
 def official_to_timm(state_dict: Mapping[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Official key names -> ``model``'s, by the ``checkpoint_filter_fn`` of its timm module.
 
-    The filter also resamples the position table to ``model``'s grid.
+    The filter would resample a position table of another grid timm's way (antialiased,
+    no offset); :class:`DinoTeacher` hands it a table already at the model's grid.
     """
     module = importlib.import_module(type(model).__module__)
     # NOTE: timm's DINOv2 conversion pops keys from its argument; give it a copy.
     return module.checkpoint_filter_fn(dict(state_dict), model)
+
+
+def resample_position_table(
+    pos_embed: torch.Tensor, grid: int, *, offset: float, antialias: bool, prefix_tokens: int = 1
+) -> torch.Tensor:
+    """An official position table for another patch grid, as Meta's ``interpolate_pos_encoding``.
+
+    The same ``F.interpolate`` call as DINO's and DINOv2's forward makes at a non-native
+    input size, made once: in float32, bicubic, ``align_corners=False``; with ``offset``
+    the scale factor ``(grid + offset) / M`` (which PyTorch also uses to map
+    coordinates, so the result differs from resampling to a size), otherwise the size
+    ``grid``.
+
+    Args:
+        pos_embed: ``[1, prefix_tokens + M * M, C]``, the class token's position first.
+        grid: the input's patch grid side ``g``.
+        offset: the hub function's ``interpolate_offset`` (0 to resample to the size).
+        antialias: the hub function's ``interpolate_antialias``.
+        prefix_tokens: leading positions that are not resampled.
+
+    Returns:
+        ``[1, prefix_tokens + g * g, C]`` in ``pos_embed``'s dtype (unchanged when ``M == g``).
+    """
+    prefix, patches = pos_embed[:, :prefix_tokens], pos_embed[:, prefix_tokens:]
+    table_grid = math.isqrt(patches.shape[1])
+    if table_grid * table_grid != patches.shape[1]:
+        raise ValueError(f"position table of {patches.shape[1]} patch positions is not a square grid")
+    if table_grid == grid:
+        return pos_embed
+    channels = patches.shape[-1]
+    square = patches.float().reshape(1, table_grid, table_grid, channels).permute(0, 3, 1, 2)
+    if offset:
+        scale = float(grid + offset) / table_grid
+        resampled = F.interpolate(square, scale_factor=(scale, scale), mode="bicubic", antialias=antialias)
+    else:
+        resampled = F.interpolate(square, size=(grid, grid), mode="bicubic", antialias=antialias)
+    if tuple(resampled.shape[-2:]) != (grid, grid):
+        raise ValueError(f"resampling a {table_grid}x{table_grid} position table gave {tuple(resampled.shape[-2:])}, "
+                         f"not {grid}x{grid}")
+    patches = resampled.permute(0, 2, 3, 1).reshape(1, grid * grid, channels).to(pos_embed.dtype)
+    return torch.cat([prefix.to(pos_embed.dtype), patches], dim=1)
+
+
+def _position_table_for_grid(
+    state_dict: Mapping[str, torch.Tensor], variant: DinoVariant, grid: int
+) -> dict[str, torch.Tensor]:
+    """``state_dict`` with its ``pos_embed`` resampled to ``grid`` by the variant's official rule.
+
+    Official DINO and DINOv2 files (registers included) keep the class token's position
+    first in ``pos_embed``; timm's filter then finds a table of the model's size and
+    leaves it alone.
+    """
+    state_dict = dict(state_dict)
+    if "pos_embed" in state_dict:
+        state_dict["pos_embed"] = resample_position_table(
+            state_dict["pos_embed"], grid, offset=variant.position_offset, antialias=variant.position_antialias
+        )
+    return state_dict
+
+
+def _use_stored_rope_periods(model: torch.nn.Module, periods: torch.Tensor, teacher_name: str) -> bool:
+    """Put a DINOv3 checkpoint's RoPE periods into timm's model; True when they differ from timm's.
+
+    Meta's hub model loads ``rope_embed.periods`` from the file (its released files hold
+    them rounded to bfloat16); timm drops them and recomputes them in float32. The model
+    is built with ``dynamic_img_size``, so its RoPE is computed from ``periods`` at every
+    forward.
+    """
+    rope = model.rope
+    if tuple(periods.shape) != tuple(rope.periods.shape):
+        raise ValueError(
+            f"the checkpoint does not fit teacher '{teacher_name}': rope_embed.periods is {tuple(periods.shape)}, "
+            f"expected {tuple(rope.periods.shape)}"
+        )
+    stored = periods.detach().to(device=rope.periods.device, dtype=rope.periods.dtype)
+    differs = not torch.equal(stored, rope.periods)
+    with torch.no_grad():
+        rope.periods.copy_(stored)
+    return differs
 
 
 def _load_official(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], teacher_name: str) -> None:
