@@ -26,6 +26,7 @@ from timm.models import eva, vision_transformer
 
 from official_dino import DinoV1VisionTransformer, DinoV2VisionTransformer
 from vfmkd.features.extract import extract_features
+from vfmkd.features.format import describe_differences
 from vfmkd.features.store import FeatureStore
 from vfmkd.registry import TEACHERS
 from vfmkd.teachers.dino_teacher import (
@@ -300,8 +301,13 @@ def test_stores_at_other_sizes_name_the_changed_position_embedding() -> None:
     native = TEACHERS.get("dinov2_vits14")(image_size=518).preprocessing()
     assert native["position_embedding"] == old_text
     assert "rope_periods" not in native
-    other = TEACHERS.get("dinov2_vits14")(image_size=224).preprocessing()
+    teacher = TEACHERS.get("dinov2_vits14")(image_size=224)
+    other = teacher.preprocessing()
     assert other["position_embedding"] != old_text
+    made_before = teacher.fingerprint_fields()
+    made_before["preprocessing"]["position_embedding"] = old_text
+    differences = describe_differences(made_before, teacher.fingerprint_fields(), both_ways=False)
+    assert len(differences) == 1 and differences[0].startswith("preprocessing.position_embedding: store")
     assert "interpolate_pos_encoding" in other["position_embedding"] and "0.1" in other["position_embedding"]
     registers = TEACHERS.get("dinov2_vits14_reg")(image_size=224).preprocessing()["position_embedding"]
     assert "antialias" in registers and "no antialias" not in registers and "0.1" not in registers
