@@ -37,7 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from vfmkd.datasets import build_dataset  # noqa: E402
-from vfmkd.features.extract import extract_features, resolve_device  # noqa: E402
+from vfmkd.features.extract import extract_features  # noqa: E402
+from vfmkd.utils.distributed import resolve_device  # noqa: E402
 
 FALLBACK_TEACHER = "dinov2_vits14"
 

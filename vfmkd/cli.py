@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from vfmkd.errors import run_with_user_errors
+
 logger = logging.getLogger("vfmkd")
 
 DEMO_CONFIG = "configs/experiments/yolov8n_sam2_shapes_demo.yaml"
@@ -296,40 +298,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     handler: Callable[[argparse.Namespace], int] = args.handler
     return run_with_user_errors(lambda: handler(args))
-
-
-def run_with_user_errors(action: Callable[[], int]) -> int:
-    """Run ``action``; errors meant for users print one clear message and exit 2."""
-    from vfmkd.config import ConfigError
-
-    user_errors: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError)
-    try:
-        from vfmkd.features.format import FeatureStoreError
-        from vfmkd.teachers.weights import UnsafeCheckpointError, WeightsDownloadError
-
-        user_errors += (FeatureStoreError, UnsafeCheckpointError, WeightsDownloadError)
-    except ImportError:
-        pass
-    try:
-        from vfmkd.datasets import DatasetError
-
-        user_errors += (DatasetError,)
-    except ImportError:
-        pass
-    try:
-        from vfmkd.core.checkpoint import CheckpointError
-
-        user_errors += (CheckpointError,)
-    except ImportError:
-        pass
-    try:
-        return action()
-    except user_errors as error:
-        sys.stderr.write(f"error: {error}\n")
-        return 2
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted; `--resume` continues from the last checkpoint\n")
-        return 130
 
 
 if __name__ == "__main__":

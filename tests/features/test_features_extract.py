@@ -159,7 +159,7 @@ def _rank_worker(rank: int, world_size: int, port: int, images: str, out: str) -
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
-    from vfmkd.core.distributed import cleanup, init_distributed
+    from vfmkd.utils.distributed import cleanup, init_distributed
 
     init_distributed()
     try:

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from vfmkd.core.distributed import unwrap_model
+from vfmkd.errors import UserError
+from vfmkd.utils.distributed import unwrap_model
 from vfmkd.utils.io import atomic_torch_save
 
 __all__ = [
@@ -48,7 +49,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_FORMAT_VERSION = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used; the message says which file and why."""
 
 

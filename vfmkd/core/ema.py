@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vfmkd.core.distributed import unwrap_model
+from vfmkd.utils.distributed import unwrap_model
 
 __all__ = ["ModelEMA"]
 

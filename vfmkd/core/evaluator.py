@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from vfmkd.core.distributed import unwrap_model
+from vfmkd.utils.distributed import unwrap_model
 
 __all__ = ["COCOEvaluator", "IndexedDataset", "evaluate_model", "fitness", "resolve_amp"]
 

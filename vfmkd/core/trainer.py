@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 
-from vfmkd.core import distributed
+from vfmkd.utils import distributed
 from vfmkd.core.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from vfmkd.core.ema import ModelEMA
 from vfmkd.core.evaluator import evaluate_model, fitness, resolve_amp
@@ -52,7 +52,6 @@ __all__ = [
     "TaskLoss",
     "Trainer",
     "TrainingDivergedError",
-    "resolve_device",
     "seed_everything",
 ]
 
@@ -77,19 +76,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> ``cuda:LOCAL_RANK`` when a GPU is visible, else ``cpu``; ``cuda`` gets the local rank."""
-    if name == "auto":
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"train.device={name} but no GPU is visible; use train.device=auto or cpu")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-    return device
 
 
 def _item_seeds(seed: int, epoch: int, index: int) -> tuple[int, int, int]:
@@ -253,7 +239,7 @@ class Trainer:
         self.rank = self.dist_info.rank
         self.world_size = self.dist_info.world_size
         self.is_main = self.rank == 0
-        self.device = resolve_device(train_cfg.device, self.dist_info.local_rank)
+        self.device = distributed.resolve_device(train_cfg.device, self.dist_info.local_rank)
         self._configure_determinism(train_cfg.deterministic)
         seed_everything(train_cfg.seed)
 

@@ -21,6 +21,7 @@ from typing import Iterable
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from vfmkd.errors import UserError
 from vfmkd.utils.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class CorruptImageError(OSError):
         self.reason = reason
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A data set that cannot be used (empty, inconsistent names, missing files).
 
     The message names the file and what to do.

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from vfmkd.config import ConfigError, ExperimentConfig, TeacherConfig, read_yaml
-from vfmkd.core.distributed import all_gather_object, barrier, get_rank
+from vfmkd.utils.distributed import all_gather_object, barrier, get_rank
 from vfmkd.distillation.sources import (
     OFFLINE_KEY,
     WRITE_BACK_KEY,

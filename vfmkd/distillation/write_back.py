@@ -36,7 +36,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from vfmkd.core.distributed import barrier, get_rank, get_world_size
+from vfmkd.utils.distributed import barrier, get_rank, get_world_size
 from vfmkd.features.extract import BackgroundWriter, default_shard_size
 from vfmkd.features.format import (
     FeatureStoreError,

@@ -28,6 +28,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from vfmkd.errors import run_with_user_errors
 from vfmkd.features.codecs import CODEC_NAMES
 from vfmkd.features.format import FeatureStoreError, StoreMismatchError, describe_differences
 from vfmkd.features.store import FeatureStore
@@ -207,9 +208,10 @@ def _build_teacher(settings: TeacherSettings, *, random_init: bool, seed: int, d
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
-    from vfmkd.core.distributed import cleanup, init_distributed
+    from vfmkd.utils.distributed import cleanup, init_distributed
     from vfmkd.datasets import build_dataset, resolve_dataset
-    from vfmkd.features.extract import extract_features, resolve_device
+    from vfmkd.features.extract import extract_features
+    from vfmkd.utils.distributed import resolve_device
 
     info = init_distributed()
     if info.rank != 0:
@@ -314,7 +316,8 @@ def format_store_info(store: FeatureStore) -> str:
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     from vfmkd.datasets import build_dataset
-    from vfmkd.features.extract import resolve_device, verify_against_teacher
+    from vfmkd.features.extract import verify_against_teacher
+    from vfmkd.utils.distributed import resolve_device
     from vfmkd.features.format import StoreCorruptError
 
     try:
@@ -379,8 +382,6 @@ def _guarded(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse
 
 
 def _run_handler(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    from vfmkd.cli import run_with_user_errors
-
     return run_with_user_errors(lambda: handler(args))
 
 

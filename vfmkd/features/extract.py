@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vfmkd.core.distributed import barrier, get_rank, get_world_size
+from vfmkd.utils.distributed import barrier, get_rank, get_world_size, resolve_device
 from vfmkd.features.codecs import get_codec
 from vfmkd.features.format import StoreCorruptError, StoreHeader, read_shard_records
 from vfmkd.features.store import FeatureStore
@@ -43,7 +43,6 @@ __all__ = [
     "cpu_preprocessor",
     "default_shard_size",
     "extract_features",
-    "resolve_device",
     "verify_against_teacher",
 ]
 
@@ -56,15 +55,6 @@ MAX_SHARD_SIZE = 1024
 WRITER_QUEUE_BATCHES = 2
 
 Preprocessor = Callable[[np.ndarray], tuple[torch.Tensor, Frame]]
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``auto`` -> this rank's GPU when CUDA is available, else the CPU."""
-    if device is None or str(device) == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
-    return torch.device(device)
 
 
 def default_shard_size(header: StoreHeader) -> int:

@@ -34,6 +34,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from vfmkd.errors import UserError
 from vfmkd.features.codecs import Codec, get_codec
 from vfmkd.teachers.base import FeatureSpec
 
@@ -73,7 +74,7 @@ HASH_CHUNK_BYTES = 8 << 20
 
 
 # --------------------------------------------------------------------------- errors
-class FeatureStoreError(RuntimeError):
+class FeatureStoreError(UserError, RuntimeError):
     """A feature store cannot be used as asked; the message says why and what to do."""
 
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from vfmkd.errors import UserError
 from vfmkd.utils.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -191,7 +192,7 @@ WEIGHTS: dict[str, WeightsEntry] = {entry.name: entry for entry in _ENTRIES}
 
 
 # ------------------------------------------------------------------------- errors
-class WeightsDownloadError(RuntimeError):
+class WeightsDownloadError(UserError, RuntimeError):
     """A checkpoint download failed; the message says why and what to do."""
 
 
@@ -207,7 +208,7 @@ class ChecksumMismatchError(WeightsDownloadError):
     """The downloaded file is not the expected one (size or SHA-256); nothing was kept."""
 
 
-class UnsafeCheckpointError(ValueError):
+class UnsafeCheckpointError(UserError, ValueError):
     """A checkpoint file holds pickled objects that could run code when loaded."""
 
 

@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from vfmkd.config import validate_config
-from vfmkd.core import distributed
+from vfmkd.utils import distributed
 from vfmkd.core.trainer import Trainer
 from vfmkd.geometry import Frame
 

@@ -32,6 +32,7 @@ __all__ = [
     "init_distributed",
     "is_distributed",
     "is_main_process",
+    "resolve_device",
     "unwrap_model",
 ]
 
@@ -91,6 +92,30 @@ def init_distributed(timeout_minutes: float = 30.0) -> DistributedInfo:
     )
     logger.info("joined process group: rank %d of %d (%s)", rank, world_size, backend)
     return DistributedInfo(rank, world_size, local_rank, backend)
+
+
+def resolve_device(name: str | torch.device | None = "auto", local_rank: int | None = None) -> torch.device:
+    """The device to run on: ``auto`` (or None) is this process's GPU when one is visible, else the CPU.
+
+    Args:
+        name: ``auto``, ``cpu``, ``cuda``, ``cuda:N``, ...
+        local_rank: this process's GPU index on its node (default: ``LOCAL_RANK``, 0
+            without ``torchrun``); ``cuda`` without an index gets it.
+
+    Raises:
+        RuntimeError: a CUDA device is asked for and no GPU is visible.
+    """
+    if local_rank is None:
+        local_rank = get_local_rank()
+    if name is None or str(name) == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device '{name}' asked for, but no GPU is visible; use auto or cpu")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+    return device
 
 
 def is_distributed() -> bool:
