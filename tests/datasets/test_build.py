@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from tests.conftest import SYNTHETIC_TRAIN_IMAGES, SYNTHETIC_VAL_IMAGES
 from vfmkd.datasets import (
     CocoDataset,
     DatasetError,
@@ -34,14 +35,6 @@ def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VFMKD_CACHE_DIR", str(tmp_path / "cache"))
 
 
-@pytest.fixture(scope="module")
-def shapes_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A project root whose datasets/shapes already exists (small)."""
-    root = tmp_path_factory.mktemp("project")
-    generate_synthetic_dataset(root / "datasets" / "shapes", num_train=6, num_val=3)
-    return root
-
-
 def test_shapes_is_generated_on_first_use(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     import vfmkd.datasets as datasets_module
@@ -57,8 +50,8 @@ def test_shapes_is_generated_on_first_use(tmp_path: Path, monkeypatch: pytest.Mo
     assert len(calls) == 1
 
 
-def test_resolve_forms(shapes_root: Path, tmp_path: Path) -> None:
-    shapes = shapes_root / "datasets" / "shapes"
+def test_resolve_forms(synthetic_project: Path, tmp_path: Path) -> None:
+    shapes = synthetic_project / "datasets" / "shapes"
     assert resolve_dataset(str(shapes / "data.yaml")).kind == "yolo"
     assert resolve_dataset(str(shapes)).source == shapes / "data.yaml"
     coco = resolve_dataset(str(shapes / "annotations" / "instances_train.json"))
@@ -70,7 +63,7 @@ def test_resolve_forms(shapes_root: Path, tmp_path: Path) -> None:
     assert spec.kind == "coco" and spec.source.name == "instances_train.json"
     folder = resolve_dataset(str(shapes / "images"))
     assert folder.kind == "folder"
-    assert resolve_dataset("datasets/shapes", shapes_root).source == shapes / "data.yaml"
+    assert resolve_dataset("datasets/shapes", synthetic_project).source == shapes / "data.yaml"
     with pytest.raises(DatasetError, match="not found"):
         resolve_dataset("no_such_set", tmp_path)
 
@@ -82,10 +75,12 @@ def test_coco128_without_images_says_how_to_get_them(tmp_path: Path) -> None:
         resolve_dataset("coco128", tmp_path)
 
 
-def test_build_dataset_accepts_dicts_and_objects(shapes_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(shapes_root)
+def test_build_dataset_accepts_dicts_and_objects(
+    synthetic_project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(synthetic_project)
     train = build_dataset({"dataset": "shapes", **SMALL}, "train", train=True)
-    assert isinstance(train, YoloDataset) and len(train) == 6
+    assert isinstance(train, YoloDataset) and len(train) == SYNTHETIC_TRAIN_IMAGES
     sample = train[0]
     assert sample["image"].shape == (3, 64, 64) and sample["image"].dtype == torch.uint8
     assert all(isinstance(frame, Frame) for frame in sample["frames"]) and sample["masks"] is None
@@ -97,7 +92,7 @@ def test_build_dataset_accepts_dicts_and_objects(shapes_root: Path, monkeypatch:
     coco = build_dataset(
         {"dataset": "datasets/shapes/annotations/instances_train.json", "img_size": 64}, "val", False
     )
-    assert isinstance(coco, CocoDataset) and len(coco) == 3
+    assert isinstance(coco, CocoDataset) and len(coco) == SYNTHETIC_VAL_IMAGES
 
 
 def test_folder_dataset_has_empty_targets(tmp_path: Path) -> None:
@@ -121,8 +116,8 @@ def test_folder_dataset_has_empty_targets(tmp_path: Path) -> None:
         FolderDataset(empty)
 
 
-def test_collate_batches_targets_and_frames(shapes_root: Path) -> None:
-    dataset = YoloDataset(shapes_root / "datasets" / "shapes" / "data.yaml", "train", load_masks=True)
+def test_collate_batches_targets_and_frames(synthetic_project: Path) -> None:
+    dataset = YoloDataset(synthetic_project / "datasets" / "shapes" / "data.yaml", "train", load_masks=True)
     dataset.transform = TrainTransform(64, {"mosaic": 0.5})
     samples = [dataset[index] for index in range(4)]
     batch = collate_samples(samples)
@@ -141,8 +136,8 @@ def test_collate_batches_targets_and_frames(shapes_root: Path) -> None:
     assert batch["ids"] == [sample["id"] for sample in samples] and len(batch["orig_sizes"]) == 4
 
 
-def test_dataloader_with_workers_is_repeatable(shapes_root: Path) -> None:
-    dataset = YoloDataset(shapes_root / "datasets" / "shapes" / "data.yaml", "train")
+def test_dataloader_with_workers_is_repeatable(synthetic_project: Path) -> None:
+    dataset = YoloDataset(synthetic_project / "datasets" / "shapes" / "data.yaml", "train")
     dataset.transform = TrainTransform(64)
 
     def first_batch() -> dict:

@@ -12,7 +12,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from vfmkd.datasets import CocoDataset, DatasetError, generate_synthetic_dataset
+from vfmkd.datasets import CocoDataset, DatasetError
 from vfmkd.datasets.coco import find_image_dir, sibling_json
 
 
@@ -137,8 +137,8 @@ def test_image_folder_and_sibling_json_discovery(tmp_path: Path) -> None:
         find_image_dir(tmp_path / "elsewhere" / "instances_x.json")
 
 
-def test_synthetic_coco_json_masks_match_its_rle_and_polygons(tmp_path: Path) -> None:
-    root = generate_synthetic_dataset(tmp_path / "shapes", num_train=4, num_val=1).parent
+def test_synthetic_coco_json_masks_match_its_rle_and_polygons(synthetic_data_yaml: Path) -> None:
+    root = synthetic_data_yaml.parent
     annotation_file = root / "annotations" / "instances_train.json"
     dataset = CocoDataset(annotation_file, load_masks=True)
     assert dataset.names[0] == "circle" and dataset.category_ids == list(range(1, 7))

@@ -12,15 +12,14 @@ from vfmkd.cli import main
 from vfmkd.config import ConfigError, validate_config
 from vfmkd.core.trainer import Trainer
 from vfmkd.datasets import build_dataset
-from vfmkd.datasets.synthetic import generate_synthetic_dataset
 from vfmkd.features.extract import extract_features
 from vfmkd.teachers import build_teacher
 
 
 @pytest.fixture(scope="module")
-def probe_store(tmp_path_factory):
+def probe_store(tmp_path_factory, synthetic_data_yaml):
     root = tmp_path_factory.mktemp("distill")
-    data_yaml = generate_synthetic_dataset(root / "shapes", num_train=6, num_val=2, seed=4)
+    data_yaml = synthetic_data_yaml
     teacher = build_teacher("covariant_probe", random_init=True, image_size=128)
     dataset = build_dataset({"dataset": str(data_yaml), "img_size": 64}, "train", train=False)
     extract_features(teacher, dataset, root / "store", batch_size=4, num_workers=0, progress=False, split="train")

@@ -12,7 +12,6 @@ from tests.helpers.covariant_teacher import CovariantTeacher  # noqa: F401  (reg
 from vfmkd.config import ConfigError, validate_config
 from vfmkd.core.trainer import Trainer
 from vfmkd.datasets import build_dataset
-from vfmkd.datasets.synthetic import generate_synthetic_dataset
 from vfmkd.distillation.sources import OFFLINE_KEY
 from vfmkd.features.extract import extract_features
 from vfmkd.features.store import FeatureStore
@@ -32,10 +31,10 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
+def shapes(tmp_path_factory, synthetic_data_yaml):
     """Six training images (mosaic on by default) and the store ``vfmkd features extract`` makes of them."""
     root = tmp_path_factory.mktemp("write_back")
-    data_yaml = generate_synthetic_dataset(root / "shapes", num_train=6, num_val=2, seed=5)
+    data_yaml = synthetic_data_yaml
     dataset = build_dataset({"dataset": str(data_yaml), "img_size": 64}, "train", train=False)
     extract_features(_teacher(), dataset, root / "reference", batch_size=4, num_workers=0, progress=False,
                      split="train")

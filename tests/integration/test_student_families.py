@@ -12,7 +12,6 @@ import pytest
 from vfmkd.config import load_config
 from vfmkd.core.trainer import Trainer
 from vfmkd.datasets import build_dataset
-from vfmkd.datasets.synthetic import generate_synthetic_dataset
 from vfmkd.features.extract import extract_features
 from vfmkd.teachers import build_teacher
 
@@ -25,9 +24,9 @@ SMALL_BACKBONE = {
 
 
 @pytest.fixture(scope="module")
-def sam2_store(tmp_path_factory):
+def sam2_store(tmp_path_factory, synthetic_data_yaml):
     root = tmp_path_factory.mktemp("families")
-    data_yaml = generate_synthetic_dataset(root / "shapes", num_train=4, num_val=2, seed=2)
+    data_yaml = synthetic_data_yaml
     teacher = build_teacher("sam2.1_hiera_t", random_init=True, image_size=64, features=["embed"])
     dataset = build_dataset({"dataset": str(data_yaml), "img_size": 64}, "train", train=False)
     extract_features(teacher, dataset, root / "sam2", batch_size=4, num_workers=0, progress=False, split="train")
