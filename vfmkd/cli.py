@@ -19,7 +19,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from vfmkd.errors import run_with_user_errors
 
@@ -148,6 +148,28 @@ def seed_train_main(argv: Sequence[str] | None = None) -> int:
     return run_with_user_errors(action)
 
 
+def _checkpoint_fidelity(config: Any, checkpoint: str, model: Any, dataset: Any, batch_size: int, device: Any) -> dict:
+    """Feature fidelity through the checkpoint's own adapters; {} (with the reason) when it cannot be measured."""
+    from vfmkd.config import ConfigError
+    from vfmkd.core.checkpoint import load_distiller_from_checkpoint
+    from vfmkd.distillation.fidelity import feature_fidelity
+    from vfmkd.features.format import FeatureStoreError
+
+    try:
+        distiller = load_distiller_from_checkpoint(config, checkpoint, model)
+        if distiller is None:
+            return {}
+        return feature_fidelity(
+            model, distiller.to(device), dataset, batch_size=batch_size, num_workers=config.data.num_workers,
+            device=device,
+        )
+    except (ConfigError, FeatureStoreError, FileNotFoundError) as error:
+        # NOTE: e.g. the training store (the teacher's feature shapes) or the teacher's weights
+        # are not on this machine; the mAP is still worth reporting.
+        logger.warning("feature fidelity skipped: %s", error)
+        return {}
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
@@ -166,17 +188,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     fidelity: dict[str, float] = {}
     if not args.no_fidelity:
         # NOTE: first, so that adapters that do not fit the config fail before the mAP pass.
-        from vfmkd.distillation.fidelity import checkpoint_fidelity
-
-        fidelity = checkpoint_fidelity(
-            config,
-            args.checkpoint,
-            model,
-            dataset,
-            batch_size=batch_size,
-            num_workers=config.data.num_workers,
-            device=device,
-        )
+        fidelity = _checkpoint_fidelity(config, args.checkpoint, model, dataset, batch_size, device)
     metrics: dict = {}
     if getattr(dataset, "has_labels", True):
         metrics = evaluate_model(

@@ -12,7 +12,8 @@ from torch import nn
 from vfmkd.config import validate_config
 from vfmkd.core import Trainer
 from vfmkd.core.checkpoint import load_checkpoint
-from vfmkd.core.trainer import ResumableSampler, SeededDataset, TaskLoss, TrainingDivergedError
+from vfmkd.core.trainer import ResumableSampler, SeededDataset, TrainingDivergedError
+from vfmkd.distillation.distiller import DistilledModel, task_loss_weights
 from vfmkd.geometry import Frame
 
 SIZE = 32
@@ -205,15 +206,18 @@ def test_run_outputs_logs_and_checkpoints(tmp_path):
 
 
 def test_detection_weight_scales_task_losses():
-    model = TinyDetector()
-    outputs = model(torch.rand(2, 3, SIZE, SIZE))
+    model = TinyDetector().eval()
     batch = collate([AugmentedDataset()[0], AugmentedDataset()[1]])
-    plain = TaskLoss()(model, outputs, batch)
+    batch = {**batch, "images": batch["images"].float() / 255}
+    plain = DistilledModel(model)(batch)
     config = validate_config({"distillation": {"losses": {"detection": {"weight": 5.0}}}})
-    weighted = TaskLoss.from_config(config)(model, outputs, batch)
+    assert task_loss_weights(config) == {"det/": 5.0}
+    weighted = DistilledModel(model, task_weights=task_loss_weights(config))(batch)
+    assert set(plain) == set(weighted) == {"det/box", "det/cls", "det/dfl"}
     for name in plain:
         torch.testing.assert_close(weighted[name], 5.0 * plain[name])
-    assert TaskLoss.from_config(validate_config({})).weights == {}
+    assert task_loss_weights(validate_config({})) == {}
+    assert DistilledModel(model, task_losses=False)(batch) == {}
 
 
 def test_loss_terms_are_summed(tmp_path):

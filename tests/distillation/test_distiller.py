@@ -52,29 +52,31 @@ def test_hybrid_distillation_trains_and_logs_every_term(probe_store, caplog):
 
     class Recording(Trainer):
         def after_step(self) -> None:
-            teacher = self.loss_fn._online.get("probe")
+            teacher = self.model.distiller.teachers._online.get("probe")
             seen.append({"teacher_grads": teacher is not None and any(p.requires_grad for p in teacher.parameters())})
 
     caplog.set_level("INFO")
     trainer = Recording(_config(root, data_yaml))
     assert "distillation alignment" in caplog.text and "p4" in caplog.text and "cos_l1" in caplog.text
     optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
-    adapters = list(trainer.model.distill["adapters"].parameters())
+    adapters = list(trainer.model.distiller.adapters.parameters())
     assert adapters and all(id(p) in optimised for p in adapters)
     result = trainer.train()
     assert result["step"] == 2 and not any(entry["teacher_grads"] for entry in seen)
-    teacher = trainer.loss_fn._online.get("probe")
+    teacher = trainer.model.distiller.teachers._online.get("probe")
     if teacher is not None:
         assert all(id(p) not in optimised for p in teacher.parameters())
     lines = (root / "runs/distill/metrics.jsonl").read_text()
     for name in ("distill/probe/embed<-p4", "distill/probe/embed<-p3", "distill/probe/embed<-p5", "det/box",
                  "fidelity/probe/embed<-p4/cosine", "fidelity/probe/embed<-p5/nmse"):
         assert name in lines
-    state = torch.load(result["last"], weights_only=True)["model"]
-    assert any(key.startswith("distill.adapters.") for key in state)
-    # the student and its adapters only: no teacher weights in the checkpoint
-    assert set(state) == set(trainer.model.state_dict())
-    assert not any("covariant" in key or "_online" in key for key in state)
+    checkpoint = torch.load(result["last"], weights_only=True)
+    # the student and the distiller apart, no teacher weights
+    assert set(checkpoint["model"]) == set(trainer.model.student.state_dict())
+    assert set(checkpoint["distiller"]) == set(trainer.model.distiller.state_dict())
+    assert any(key.startswith("adapters.") for key in checkpoint["distiller"])
+    assert not any("covariant" in key or "_online" in key for state in (checkpoint["model"], checkpoint["distiller"])
+                   for key in state)
 
 
 def test_impossible_pairing_fails_before_training(probe_store):
@@ -103,12 +105,12 @@ def test_store_of_another_setup_is_refused(probe_store):
 
 def test_all_offline_never_loads_the_teacher(probe_store, monkeypatch):
     root, data_yaml = probe_store
-    import vfmkd.distillation.distiller as distiller_module
+    import vfmkd.teachers
 
     def refuse(*args, **kwargs):
         raise AssertionError("the teacher was built although every sample is offline")
 
-    monkeypatch.setattr(distiller_module, "build_configured_teacher", refuse)
+    monkeypatch.setattr(vfmkd.teachers, "build_teacher", refuse)
     Trainer(_config(root, data_yaml, offline_ratio=1.0)).train()
 
 
@@ -123,14 +125,14 @@ def test_two_teachers_each_with_its_losses_and_normalisation(probe_store):
     config.distillation.teacher_dropout = 0.5
     config.distillation.offline_ratio = 1.0  # both teachers read the store: comparable maps
     trainer = Trainer(config)
-    names = [term.name for term in trainer.loss_fn.terms]
+    names = [term.name for term in trainer.model.distiller.terms]
     assert names == ["distill/probe/embed<-p4", "distill/second/embed<-p4"]
     batch = next(iter(trainer.train_loader))
     batch = trainer._prepare_batch(batch)
-    targets = trainer.loss_fn.teacher_targets(batch, trainer.device)
+    targets = trainer.model.distiller.teachers.teacher_targets(batch, trainer.device)
     raw, _ = targets[("probe", "embed", 16)]
     standardised, valid = targets[("second", "embed", 16)]
-    mean, std = trainer.loss_fn.teacher_plans["second"].store.stats("embed")
+    mean, std = trainer.model.distiller.teachers.teacher_plans["second"].store.stats("embed")
     expected = (raw - torch.as_tensor(mean).view(1, -1, 1, 1)) / torch.as_tensor(std).view(1, -1, 1, 1)
     torch.testing.assert_close(standardised[valid.expand_as(raw)], expected[valid.expand_as(raw)])
     result = trainer.train()

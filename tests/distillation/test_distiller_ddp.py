@@ -143,7 +143,7 @@ def _train(root: Path, name: str, batch_size: int, labelled: bool) -> dict:
     trainer = _Trainer(config, model=_group_norm_student(config))
     initial = {key: value.clone() for key, value in trainer.model.state_dict().items()}
     served = {"offline": 0, "online": 0}
-    targets = trainer.loss_fn.teacher_targets
+    targets = trainer.model.distiller.teachers.teacher_targets
 
     def counting(batch, device, teachers=None):
         record = batch[OFFLINE_KEY].get("probe")
@@ -152,7 +152,7 @@ def _train(root: Path, name: str, batch_size: int, labelled: bool) -> dict:
         served["online"] += batch["images"].shape[0] - offline
         return targets(batch, device, teachers)
 
-    trainer.loss_fn.teacher_targets = counting
+    trainer.model.distiller.teachers.teacher_targets = counting
     trainer.train()
     return {"model": trainer.model.state_dict(), "initial": initial, "step": trainer.step, "served": served}
 

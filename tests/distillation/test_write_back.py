@@ -98,14 +98,14 @@ def test_first_epoch_fills_an_empty_store_and_the_next_reads_it(shapes):
     trainer = _Trainer(_config(root, data_yaml, store_path, "fill", epochs=2, num_workers=1))
     assert FeatureStore.open(store_path).ids == []  # created empty, from the teacher
     offline_rows: list[int] = []
-    targets = trainer.loss_fn.teacher_targets
+    targets = trainer.model.distiller.teachers.teacher_targets
 
     def counting(batch, device, teachers=None):
         record = batch[OFFLINE_KEY].get("probe")
         offline_rows.append(0 if record is None else len(record["samples"]))
         return targets(batch, device, teachers)
 
-    trainer.loss_fn.teacher_targets = counting
+    trainer.model.distiller.teachers.teacher_targets = counting
     assert trainer.train()["step"] == 2
     # epoch 1: nothing stored, all online; epoch 2: the filled store serves about half
     assert offline_rows[0] == 0 and offline_rows[1] > 0

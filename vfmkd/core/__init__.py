@@ -1,6 +1,6 @@
 """Training engine: the trainer, COCO evaluation, checkpoints, EMA, optimizers, DDP helpers."""
 
 from vfmkd.core.evaluator import COCOEvaluator, evaluate_model
-from vfmkd.core.trainer import TaskLoss, Trainer
+from vfmkd.core.trainer import LossFunctionModel, Trainer
 
-__all__ = ["COCOEvaluator", "TaskLoss", "Trainer", "evaluate_model"]
+__all__ = ["COCOEvaluator", "LossFunctionModel", "Trainer", "evaluate_model"]

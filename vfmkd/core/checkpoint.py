@@ -4,10 +4,12 @@ A checkpoint holds only tensors and plain Python values (dicts, lists, numbers,
 strings), so it loads with ``torch.load(weights_only=True)``: opening a checkpoint never
 runs code from the file. Keys::
 
-    format_version  int
-    model           state dict of the trained model
-    model_config    the model's config dict (rebuilds the architecture)
-    ema             {"module": state dict, "updates": int} or None
+    format_version  int (2)
+    model           state dict of the student
+    model_config    the student's config dict (rebuilds the architecture)
+    distiller       state dict of the distiller (adapters, loss parameters) or None
+    ema             {"module": student state dict, "distiller": distiller state dict or
+                    None, "updates": int} or None
     optimizer       optimizer state dict or None
     scheduler       the LR schedule's plain values or None
     scaler          GradScaler state dict or None
@@ -16,6 +18,10 @@ runs code from the file. Keys::
     rng_state       per rank, python / numpy / torch / cuda generator states (plain values)
     best_fitness    float or None
     metrics         the latest evaluation metrics
+
+The student loads alone (eval, predict, export) from ``model`` or ``ema.module``. Format 1
+kept the distiller's adapters inside the student's state under ``distill.``;
+:func:`load_checkpoint` reads it as format 2.
 """
 
 from __future__ import annotations
@@ -39,14 +45,18 @@ __all__ = [
     "CheckpointError",
     "capture_rng_state",
     "load_checkpoint",
+    "load_distiller_from_checkpoint",
     "load_model_from_checkpoint",
+    "load_training_state",
     "restore_rng_state",
     "save_checkpoint",
 ]
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT_VERSION = 1
+CHECKPOINT_FORMAT_VERSION = 2
+# Format 1: the distiller's state inside the student's, under this prefix.
+_FORMAT1_DISTILL_PREFIX = "distill."
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -116,7 +126,9 @@ def save_checkpoint(
 
     Args:
         path: destination, e.g. ``runs/exp/checkpoints/last.pt``.
-        model: the trained model (a DDP wrapper is unwrapped).
+        model: the trained model (a DDP wrapper is unwrapped): a
+            :class:`~vfmkd.distillation.distiller.DistilledModel` (its ``student`` and
+            ``distiller`` are saved apart) or a plain model.
         optimizer: its state is saved when given.
         scheduler_state: plain values describing the LR schedule.
         ema: a :class:`~vfmkd.core.ema.ModelEMA` (or anything with ``state_dict()``).
@@ -135,11 +147,13 @@ def save_checkpoint(
         ``path``.
     """
     module = unwrap_model(model)
+    student, distiller = _student_and_distiller(module)
     checkpoint = {
         "format_version": CHECKPOINT_FORMAT_VERSION,
-        "model": module.state_dict(),
-        "model_config": _plain_config(getattr(module, "config", None)),
-        "ema": ema.state_dict() if ema is not None else None,
+        "model": student.state_dict(),
+        "model_config": _plain_config(getattr(student, "config", None)),
+        "distiller": distiller.state_dict() if distiller is not None else None,
+        "ema": _ema_state(ema),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": dict(scheduler_state) if scheduler_state is not None else None,
         "scaler": scaler.state_dict() if scaler is not None else None,
@@ -153,6 +167,93 @@ def save_checkpoint(
         "metrics": dict(metrics) if metrics is not None else None,
     }
     return atomic_torch_save(checkpoint, path)
+
+
+def _student_and_distiller(module: nn.Module) -> tuple[nn.Module, nn.Module | None]:
+    """A training model's student and distiller (a plain model is its own student)."""
+    student = getattr(module, "student", None)
+    if isinstance(student, nn.Module):
+        return student, getattr(module, "distiller", None)
+    return module, None
+
+
+def _ema_state(ema: Any | None) -> dict[str, Any] | None:
+    """The EMA's averaged student and distiller, saved apart like the live ones."""
+    if ema is None:
+        return None
+    if not hasattr(ema, "module"):
+        return ema.state_dict()
+    student, distiller = _student_and_distiller(ema.module)
+    return {
+        "module": student.state_dict(),
+        "distiller": distiller.state_dict() if distiller is not None else None,
+        "updates": int(ema.updates),
+    }
+
+
+def load_training_state(model: nn.Module, ema: Any | None, checkpoint: Mapping[str, Any]) -> bool:
+    """Load a checkpoint's student, distiller and EMA into a training model and its EMA.
+
+    Args:
+        model: what :func:`save_checkpoint` was given (a distilled model or a plain one).
+        ema: its :class:`~vfmkd.core.ema.ModelEMA`, or None.
+        checkpoint: :func:`load_checkpoint`'s result.
+
+    Returns:
+        Whether the EMA was restored (False: the checkpoint has none).
+
+    Raises:
+        CheckpointError: the checkpoint's distiller does not fit the model's (another
+            distillation config).
+    """
+    student, distiller = _student_and_distiller(unwrap_model(model))
+    student.load_state_dict(checkpoint["model"])
+    _load_distiller(distiller, checkpoint.get("distiller"))
+    ema_state = checkpoint.get("ema")
+    if ema is None or not ema_state:
+        return False
+    ema_student, ema_distiller = _student_and_distiller(ema.module)
+    ema_student.load_state_dict(ema_state["module"])
+    _load_distiller(ema_distiller, ema_state.get("distiller"))
+    ema.updates = int(ema_state["updates"])
+    return True
+
+
+def _load_distiller(distiller: nn.Module | None, state: Mapping[str, Any] | None) -> None:
+    if distiller is None:
+        return
+    if not state:
+        raise CheckpointError(
+            "the checkpoint has no distillation adapters, but this config distils; resume with the config the "
+            "run was trained with (its run directory's config.yaml)"
+        )
+    missing, unexpected = distiller.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            "the checkpoint's distillation adapters do not fit the config's distillation terms "
+            f"(missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}); use the config the run was "
+            "trained with (its run directory's config.yaml)"
+        )
+
+
+def _upgrade_format1(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """Format 1 -> 2: the ``distill.`` entries of the student's states become the distiller's."""
+
+    def split(state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        student = {key: value for key, value in state.items() if not key.startswith(_FORMAT1_DISTILL_PREFIX)}
+        distiller = {
+            key[len(_FORMAT1_DISTILL_PREFIX):]: value
+            for key, value in state.items()
+            if key.startswith(_FORMAT1_DISTILL_PREFIX)
+        }
+        return student, distiller or None
+
+    checkpoint["model"], checkpoint["distiller"] = split(checkpoint["model"])
+    ema = checkpoint.get("ema")
+    if ema:
+        ema["module"], ema["distiller"] = split(ema["module"])
+    checkpoint["format_version"] = CHECKPOINT_FORMAT_VERSION
+    return checkpoint
 
 
 def _plain_config(config: Any) -> dict[str, Any] | None:
@@ -201,10 +302,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"{path}: checkpoint format {version} is newer than this vfmkd understands "
             f"({CHECKPOINT_FORMAT_VERSION}); upgrade vfmkd"
         )
+    if version < 2:
+        checkpoint = _upgrade_format1(checkpoint)
     return checkpoint
-
-
-DISTILL_PREFIX = "distill."
 
 
 def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
@@ -227,10 +327,36 @@ def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "c
         raise CheckpointError(f"{path}: no model config stored; cannot rebuild the architecture")
     model = build_model(model_config)
     ema_state = checkpoint.get("ema")
-    state = ema_state["module"] if ema_state else checkpoint["model"]
-    # NOTE: distillation adapters and loss parameters only serve training; the student
-    # alone is rebuilt here (as on export).
-    state = {key: value for key, value in state.items() if not key.startswith(DISTILL_PREFIX)}
-    model.load_state_dict(state)
+    model.load_state_dict(ema_state["module"] if ema_state else checkpoint["model"])
     logger.info("loaded %s weights from %s", "EMA" if ema_state else "model", path)
     return model.to(device).eval()
+
+
+def load_distiller_from_checkpoint(config: Any, path: str | Path, student: nn.Module) -> Any | None:
+    """The distiller a checkpoint trained, rebuilt from ``config`` for ``student``, with its weights.
+
+    The EMA's adapters when the checkpoint has an EMA (matching the EMA student that
+    :func:`load_model_from_checkpoint` gives), else the raw ones. Nothing is written back
+    to any store. None (and the reason, logged) when the config has no distillation term
+    or the checkpoint has no adapters; the plan's errors (a missing store or teacher
+    weights) propagate.
+
+    Raises:
+        CheckpointError: the checkpoint's adapters do not fit this config's terms.
+    """
+    from vfmkd.distillation.distiller import build_distiller
+
+    checkpoint = load_checkpoint(path)
+    ema = checkpoint.get("ema")
+    state = ema.get("distiller") if ema else checkpoint.get("distiller")
+    if not state:
+        logger.info("%s has no distillation adapters (a run without distillation)", path)
+        return None
+    distiller = build_distiller(config, student, write_back=False)
+    if distiller is None:
+        return None
+    try:
+        _load_distiller(distiller, state)
+    except CheckpointError as error:
+        raise CheckpointError(f"{path}: {error}") from None
+    return distiller

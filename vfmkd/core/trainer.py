@@ -1,7 +1,9 @@
 """The training loop: plain PyTorch with AMP, DDP, EMA, exact resume and COCO evaluation.
 
-The trainer only sums and logs the loss dict that ``loss_fn(model, outputs, batch)``
-returns; which losses exist (task, distillation) is the loss function's business.
+The trainer only sums and logs the loss dict that the trained module returns for a batch
+(``model(batch) -> {name: loss}``, a
+:class:`~vfmkd.distillation.distiller.DistilledModel`: the student's task losses and the
+distillation terms); which losses exist is that module's business.
 
 Example::
 
@@ -40,7 +42,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 
 from vfmkd.utils import distributed
-from vfmkd.core.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from vfmkd.core.checkpoint import (
+    CheckpointError,
+    capture_rng_state,
+    load_checkpoint,
+    load_training_state,
+    restore_rng_state,
+    save_checkpoint,
+)
 from vfmkd.core.ema import ModelEMA
 from vfmkd.core.evaluator import evaluate_model, fitness, resolve_amp
 from vfmkd.core.optim import LRSchedule, build_optimizer
@@ -49,7 +58,7 @@ __all__ = [
     "LossFunction",
     "ResumableSampler",
     "SeededDataset",
-    "TaskLoss",
+    "LossFunctionModel",
     "Trainer",
     "TrainingDivergedError",
     "seed_everything",
@@ -64,7 +73,6 @@ MAX_CONSECUTIVE_NONFINITE = 10
 # SIGUSR1 is SLURM's configurable early warning. Both end the run at the next step with a
 # last.pt to resume from.
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
-TASK_LOSS_PREFIXES = {"detection": "det/", "segmentation": "seg/"}
 
 
 class TrainingDivergedError(RuntimeError):
@@ -164,33 +172,23 @@ class ResumableSampler(DistributedSampler):
         return max(self.num_samples - self.start, 0)
 
 
-class TaskLoss:
-    """The model's task losses, each scaled by its task's weight in ``distillation.losses``.
-
-    ``model.loss(outputs, targets)`` returns terms such as ``det/box``; every ``det/*`` term
-    is multiplied by ``distillation.losses.detection.weight`` (and ``seg/*`` by
-    ``segmentation.weight``) when that entry exists.
+class LossFunctionModel(nn.Module):
+    """A student and a loss function trained as one: ``forward(batch) -> {name: loss}``.
 
     Args:
-        weights: multiplier by loss-name prefix, e.g. ``{"det/": 5.0}``.
+        student: the model; ``student(images)`` gives its outputs.
+        loss_fn: ``loss_fn(student, outputs, batch) -> {name: scalar}``; an ``nn.Module``
+            becomes a child (moved and saved with the student's training state).
     """
 
-    def __init__(self, weights: Mapping[str, float] | None = None) -> None:
-        self.weights = dict(weights or {})
+    def __init__(self, student: nn.Module, loss_fn: LossFunction) -> None:
+        super().__init__()
+        self.student = student
+        self.loss_fn = loss_fn
 
-    @classmethod
-    def from_config(cls, config: Any) -> "TaskLoss":
-        """The weights of ``config.distillation.losses`` ``detection`` / ``segmentation`` entries."""
-        losses = config.distillation.losses
-        return cls({prefix: losses[task].weight for task, prefix in TASK_LOSS_PREFIXES.items() if task in losses})
-
-    def __call__(self, model: nn.Module, outputs: Any, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        losses = model.loss(outputs, batch["targets"])
-        weighted = {}
-        for name, value in losses.items():
-            weight = next((w for prefix, w in self.weights.items() if name.startswith(prefix)), 1.0)
-            weighted[name] = value * weight if weight != 1.0 else value
-        return weighted
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The loss dict of a batch on the device."""
+        return self.loss_fn(self.student, self.student(batch["images"]), batch)
 
 
 def collate_samples_default() -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
@@ -211,12 +209,11 @@ class Trainer:
         model: the student; default ``vfmkd.models.build_model(config.model)``.
         train_dataset: default ``build_dataset(config.data, data.train_split, train=True)``.
         val_dataset: default ``build_dataset(config.data, data.val_split, train=False)``.
-        loss_fn: ``loss_fn(model, outputs, batch) -> {name: scalar}``, where ``model`` is
-            the unwrapped model and ``batch`` holds float ``images [B, 3, H, W]`` in [0, 1]
-            and ``targets`` on the device; default :class:`TaskLoss`. An ``nn.Module`` is
-            moved to the device. When it has ``end_epoch()``, that is called on every rank
-            after each epoch, and ``end_training(synchronize)`` when :meth:`train` ends
-            (``synchronize`` False when it ends with an error).
+        loss_fn: ``loss_fn(student, outputs, batch) -> {name: scalar}``, where ``batch``
+            holds float ``images [B, 3, H, W]`` in [0, 1] and ``targets`` on the device,
+            trained as a :class:`LossFunctionModel`; default: the config's task-loss
+            weights and distillation terms, a
+            :class:`~vfmkd.distillation.distiller.DistilledModel`.
         collate_fn: batches samples; default ``vfmkd.datasets.collate.collate_samples``.
         resume: continue from ``run_dir/checkpoints/last.pt``.
     """
@@ -252,7 +249,6 @@ class Trainer:
             from vfmkd.models import build_model
 
             model = build_model(config.to_dict()["model"])
-        self.model: nn.Module = model.to(self.device)
         if train_dataset is None or val_dataset is None:
             from vfmkd.datasets import build_dataset
 
@@ -260,27 +256,32 @@ class Trainer:
                 train_dataset = build_dataset(config.data, config.data.train_split, train=True)
             if val_dataset is None:
                 val_dataset = build_dataset(config.data, config.data.val_split, train=False)
-        self.train_dataset = train_dataset
         self.val_dataset = val_dataset
         if collate_fn is None:
             collate_fn = collate_samples_default()
         self.collate_fn = collate_fn
         if loss_fn is None:
-            from vfmkd.distillation.distiller import build_distiller
+            from vfmkd.distillation.distiller import DistilledModel, build_distiller, task_loss_weights
             from vfmkd.distillation.sources import DistillationDataset, collate_with_teacher_features
 
-            # NOTE: before the optimizer: the distiller adds its adapters to the model.
-            distiller = build_distiller(config, self.model, has_labels=getattr(train_dataset, "has_labels", True))
+            has_labels = getattr(train_dataset, "has_labels", True)
+            distiller = build_distiller(config, model)
+            if not has_labels:
+                logger.info("the training data has no labels: distillation terms only, no task losses")
+            training_model: nn.Module = DistilledModel(
+                model, distiller, task_weights=task_loss_weights(config), task_losses=has_labels
+            )
             if distiller is not None:
-                loss_fn = distiller
-                self.model.to(self.device)
-                self.train_dataset = DistillationDataset(train_dataset, distiller.offline_plans())
-                train_dataset = self.train_dataset
+                train_dataset = DistillationDataset(train_dataset, distiller.teachers.offline_plans())
                 if self.collate_fn is collate_samples_default():
                     self.collate_fn = collate_with_teacher_features
-        self.loss_fn: LossFunction = loss_fn if loss_fn is not None else TaskLoss.from_config(config)
-        if isinstance(self.loss_fn, nn.Module):
-            self.loss_fn.to(self.device)
+        else:
+            training_model = LossFunctionModel(model, loss_fn)
+        self.train_dataset = train_dataset
+        # The trained module: ``model(batch) -> {name: loss}``; ``model.student`` is what is evaluated.
+        self.model: nn.Module = training_model.to(self.device)
+        distiller = getattr(self.model, "distiller", None)
+        self._teachers = distiller.teachers if distiller is not None else None
 
         self.optimizer = build_optimizer(self.model, train_cfg)
         self.autocast_enabled, self.autocast_dtype = resolve_amp(self.device, train_cfg.amp, train_cfg.amp_dtype)
@@ -384,17 +385,17 @@ class Trainer:
             )
         checkpoint = load_checkpoint(self.last_path, map_location=self.device)
         self._warn_config_changes(checkpoint.get("config") or {})
-        self.model.load_state_dict(checkpoint["model"])
+        try:
+            ema_restored = load_training_state(self.model, self.ema, checkpoint)
+        except CheckpointError as error:
+            raise CheckpointError(f"{self.last_path}: {error}") from None
         if checkpoint.get("optimizer") is not None:
             self.optimizer.load_state_dict(checkpoint["optimizer"])
         if checkpoint.get("scaler"):
             self.scaler.load_state_dict(checkpoint["scaler"])
-        if self.ema is not None:
-            if checkpoint.get("ema"):
-                self.ema.load_state_dict(checkpoint["ema"])
-            else:
-                logger.warning("%s has no EMA weights; the EMA restarts from the current weights", self.last_path)
-                self.ema = ModelEMA(self.model, self.config.train.ema_decay, self.config.train.ema_tau)
+        if self.ema is not None and not ema_restored:
+            logger.warning("%s has no EMA weights; the EMA restarts from the current weights", self.last_path)
+            self.ema = ModelEMA(self.model, self.config.train.ema_decay, self.config.train.ema_tau)
         if checkpoint.get("scheduler") and checkpoint["scheduler"] != self.schedule.state_dict():
             logger.warning(
                 "the learning-rate schedule changed since the checkpoint (was %s, now %s); "
@@ -505,9 +506,8 @@ class Trainer:
                     if epoch_done:
                         self.epoch += 1
                         self.batch_in_epoch = 0
-                        end_epoch = getattr(self.loss_fn, "end_epoch", None)
-                        if callable(end_epoch):
-                            end_epoch()
+                        if self._teachers is not None:
+                            self._teachers.end_epoch()
                     if self.step >= self.total_steps:
                         break
                     if epoch_done:
@@ -524,9 +524,8 @@ class Trainer:
             completed = True
         finally:
             try:
-                end_training = getattr(self.loss_fn, "end_training", None)
-                if callable(end_training):
-                    end_training(synchronize=completed)
+                if self._teachers is not None:
+                    self._teachers.end_training(synchronize=completed)
             finally:
                 self.metric_logger.close()
                 if self._owns_process_group:
@@ -637,8 +636,7 @@ class Trainer:
             sync = self.train_model.no_sync() if distributed_run and not last_micro_batch else contextlib.nullcontext()
             with sync:
                 with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_enabled):
-                    outputs = self.train_model(batch["images"])
-                    losses = self.loss_fn(self.model, outputs, batch)
+                    losses = self.train_model(batch)
                 total = sum(value.float() for value in losses.values())
                 # NOTE: one device sync per micro-batch, for the finiteness check and the logs.
                 reported = torch.stack([total.detach(), *(value.detach().float() for value in losses.values())]).tolist()
@@ -764,7 +762,7 @@ class Trainer:
             metrics = {}
             if getattr(self.val_dataset, "has_labels", True):
                 metrics = evaluate_model(
-                    self.ema.module if self.ema is not None else self.model,
+                    self._evaluated().student,
                     self.val_dataset,
                     batch_size=eval_cfg.batch_size or self.batch_size,
                     num_workers=self.num_workers,
@@ -795,14 +793,15 @@ class Trainer:
 
     def _feature_fidelity(self) -> dict[str, float]:
         """Cosine and normalised MSE of each distillation pair on the validation set."""
-        from vfmkd.distillation.distiller import Distiller
         from vfmkd.distillation.fidelity import feature_fidelity
 
-        if not isinstance(self.loss_fn, Distiller):
+        evaluated = self._evaluated()
+        distiller = getattr(evaluated, "distiller", None)
+        if distiller is None:
             return {}
         metrics = feature_fidelity(
-            self.ema.module if self.ema is not None else self.model,
-            self.loss_fn,
+            evaluated.student,
+            distiller,
             self.val_dataset,
             batch_size=self.config.eval.batch_size or self.batch_size,
             num_workers=self.num_workers,
@@ -811,6 +810,10 @@ class Trainer:
         for name, value in metrics.items():
             logger.info("%s %.4f", name, value)
         return metrics
+
+    def _evaluated(self) -> nn.Module:
+        """The training model whose weights are evaluated: the EMA copy when there is one."""
+        return self.ema.module if self.ema is not None else self.model
 
     def _end_of_period(self, *, evaluate: bool, save: bool) -> None:
         """Evaluate and/or write checkpoints (every rank calls this at the same points)."""
