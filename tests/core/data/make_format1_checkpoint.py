@@ -1,5 +1,8 @@
 """Writes a checkpoint in vfmkd's format 1 (adapters under `distill.` in the student's state).
 
+How format1_last.pt.gz was made: `git worktree add /tmp/oldvfmkd 6338368`, run this
+script, then `gzip -9 -c /tmp/oldck/runs/format1/checkpoints/last.pt > format1_last.pt.gz`.
+
 Run with the code of commit 6338368 (format 1): the old Trainer builds the student, the
 distiller's adapters, optimizer and EMA, and its own _save writes last.pt. The weights
 are set to a low-entropy pattern first so that the gzipped file is small.
