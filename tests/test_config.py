@@ -68,3 +68,27 @@ def test_yaml_syntax_error_names_line(tmp_path):
     path.write_text("train:\n  lr: 0.1\n  epochs: [1, 2\n")
     with pytest.raises(ConfigError, match=r"broken\.yaml:\d+"):
         load_config(path)
+
+
+def test_teacher_config_includes_are_merged_when_loading():
+    config = load_config(ROOT / "configs/experiments/yolov8_sam2_dinov2_coco.yaml")
+    dino = config.teachers["dino"]
+    assert dino.config is None  # resolved: the loaded config holds every setting itself
+    assert (dino.name, dino.image_size, dino.features, dino.normalize) == ("dinov2_vitb14", 518, ["patch"], True)
+
+
+def test_teacher_include_keys_of_the_entry_win_and_errors_name_the_file(tmp_path):
+    include = tmp_path / "teacher.yaml"
+    include.write_text("name: dinov2_vits14\nimage_size: 224\nfeatures: [patch]\n")
+    config = validate_config({"teachers": {"dino": {"config": str(include), "image_size": 448}}})
+    assert (config.teachers["dino"].name, config.teachers["dino"].image_size) == ("dinov2_vits14", 448)
+    assert config.teachers["dino"].features == ["patch"]
+
+    include.write_text("name: dinov2_vits14\nimage_sise: 224\n")
+    with pytest.raises(ConfigError, match=rf"(?s)teachers\.dino\.config: {include}: .*image_sise.*did you mean 'image_size'"):
+        validate_config({"teachers": {"dino": {"config": str(include)}}})
+    include.write_text("name: dinov2_vits14\nimage_size: 8\n")
+    with pytest.raises(ConfigError, match=rf"{include}: invalid teacher config:\n  image_size"):
+        validate_config({"teachers": {"dino": {"config": str(include)}}})
+    with pytest.raises(ConfigError, match=r"teachers\.dino\.config: .*missing\.yaml' not found"):
+        validate_config({"teachers": {"dino": {"config": str(tmp_path / "missing.yaml")}}})

@@ -34,6 +34,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from vfmkd.errors import UserError
+from vfmkd.utils.paths import find_project_file
 
 
 class ConfigError(UserError, ValueError):
@@ -295,12 +296,67 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str = "-
     return data
 
 
+def load_teacher_config(path: str | Path) -> TeacherConfig:
+    """A teacher YAML file (``configs/teachers/sam2.yaml``) as a :class:`TeacherConfig`.
+
+    Raises:
+        ConfigError: naming the file: not found, not YAML, not a mapping, an unknown key
+            (with the closest valid one) or a bad value.
+    """
+    found = find_project_file(path)
+    if found is None:
+        raise ConfigError(f"teacher config file '{path}' not found (looked in the working directory and the checkout)")
+    loaded = read_yaml(found)
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{found}: a teacher config must be a mapping of teacher keys, got {type(loaded).__name__}")
+    if "config" in loaded:
+        raise ConfigError(f"{found}: 'config' inside a teacher config file is not supported (one level of include)")
+    problems = _unknown_keys(loaded, TeacherConfig, "")
+    if not problems:
+        try:
+            return TeacherConfig.model_validate(loaded)
+        except ValidationError as error:
+            problems = _format_validation_error(error)
+    raise ConfigError(f"{found}: invalid teacher config:\n  " + "\n  ".join(problems))
+
+
+def _resolve_teacher_includes(data: dict[str, Any]) -> dict[str, Any]:
+    """Each ``teachers.<key>.config`` file merged under the entry's own keys (which win)."""
+    teachers = data.get("teachers")
+    if not isinstance(teachers, dict) or not any(
+        isinstance(entry, dict) and entry.get("config") for entry in teachers.values()
+    ):
+        return data
+    data = dict(data)
+    data["teachers"] = dict(teachers)
+    for key, entry in teachers.items():
+        if not isinstance(entry, dict) or not entry.get("config"):
+            continue
+        try:
+            included = load_teacher_config(entry["config"]).model_dump(exclude_unset=True)
+        except ConfigError as error:
+            raise ConfigError(f"teachers.{key}.config: {error}") from None
+        explicit = {name: value for name, value in entry.items() if name != "config"}
+        data["teachers"][key] = {**included, **explicit}
+    return data
+
+
 def validate_config(data: dict[str, Any], source: str = "<config>") -> ExperimentConfig:
-    """Validate a raw dict into an :class:`ExperimentConfig`, naming every problem."""
+    """Validate a raw dict into an :class:`ExperimentConfig`, naming every problem.
+
+    Teacher ``config:`` files are merged in here (the entry's own keys win), so the result
+    holds every teacher's settings and no include.
+    """
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(data).__name__}")
+    try:
+        data = _resolve_teacher_includes(data)
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}") from None
     problems = _unknown_keys(data, ExperimentConfig, "")
     if not problems:
         try:

@@ -333,14 +333,13 @@ class Trainer:
         Derived from the epoch alone, so a resumed run switches at the same epoch. The
         loader is rebuilt because persistent workers hold their own copy of the transform.
         """
-        settings = getattr(getattr(self.train_dataset, "transform", None), "settings", None)
-        if not isinstance(settings, dict) or not settings.get("mosaic"):
+        if not getattr(self.train_dataset, "mosaic_active", False):
             return
         total_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         if self.epoch < total_epochs - self.config.data.augment.close_mosaic:
             return
         logger.info("epoch %d: closing mosaic for the last %d epoch(s)", self.epoch + 1, total_epochs - self.epoch)
-        settings["mosaic"] = 0.0
+        self.train_dataset.close_mosaic()
         self.sampler, self.train_loader, _ = self._build_train_loader(self.train_dataset)
 
     def _build_train_loader(self, dataset: Dataset) -> tuple[ResumableSampler, DataLoader, int]:

@@ -266,6 +266,17 @@ class ImageDataset(Dataset):
             "path": str(record.path),
         }
 
+    @property
+    def mosaic_active(self) -> bool:
+        """Whether the training transform may make mosaics (False for other transforms)."""
+        return bool(getattr(self.transform, "mosaic_active", False))
+
+    def close_mosaic(self) -> None:
+        """Stop making mosaics from now on (a transform without mosaics is left as it is)."""
+        close = getattr(self.transform, "close_mosaic", None)
+        if callable(close):
+            close()
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         """The transformed sample (see :mod:`vfmkd.datasets` for its keys)."""
         # Drawn from torch's generator so DataLoader worker seeding makes runs repeatable.

@@ -485,6 +485,15 @@ class TrainTransform:
             key: float(config_value(augment_cfg, key, default)) for key, default in AUGMENT_DEFAULTS.items()
         }
 
+    @property
+    def mosaic_active(self) -> bool:
+        """Whether samples may be mosaics."""
+        return self.settings["mosaic"] > 0.0
+
+    def close_mosaic(self) -> None:
+        """No more mosaics (YOLOv8's last epochs); the other augmentations stay."""
+        self.settings["mosaic"] = 0.0
+
     def __call__(self, source: SampleSource, index: int, rng: np.random.Generator) -> dict[str, Any]:
         settings = self.settings
         size = self.img_size

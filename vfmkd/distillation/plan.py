@@ -18,9 +18,14 @@ from typing import Any, Mapping
 
 import torch
 
-from vfmkd.config import ConfigError, ExperimentConfig, TeacherConfig, read_yaml
+from vfmkd.config import ConfigError, ExperimentConfig, TeacherConfig
+from vfmkd.distillation import losses as _losses  # noqa: F401  (registers the losses)
+from vfmkd.registry import LOSSES, TEACHERS
+from vfmkd.features.format import StoreMismatchError
+from vfmkd.features.store import FeatureStore
+from vfmkd.teachers import build_teacher_from_config, canonical_teacher_name
+from vfmkd.teachers.weights import file_sha256
 from vfmkd.teachers.base import FeatureSpec
-from vfmkd.utils.paths import find_project_file
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +34,6 @@ __all__ = [
     "TeacherPlan",
     "TermPlan",
     "alignment_table",
-    "build_configured_teacher",
     "expected_store_fields",
     "term_grid_stride",
     "plan_distillation",
@@ -86,46 +90,6 @@ class TermPlan:
         return f"{self.teacher}__{self.feature}__{self.level}".replace(".", "_")
 
 
-def _merged_teacher_config(key: str, teacher: TeacherConfig) -> TeacherConfig:
-    if teacher.config is None:
-        return teacher
-    path = find_project_file(teacher.config)
-    if path is None:
-        raise ConfigError(f"teachers.{key}.config: file '{teacher.config}' not found")
-    loaded = read_yaml(path) or {}
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"{path}: a teacher config must be a mapping of teacher keys")
-    explicit = teacher.model_dump(exclude_unset=True)
-    explicit.pop("config", None)
-    try:
-        return TeacherConfig.model_validate({**loaded, **explicit})
-    except Exception as error:  # pydantic's ValidationError, reported with the file
-        raise ConfigError(f"{path} (teachers.{key}.config): {error}") from None
-
-
-def build_configured_teacher(key: str, plan_config: TeacherConfig, registry_name: str, features: list[str] | None, device: torch.device | str = "cpu") -> Any:
-    """The teacher of a config entry: its weights, or seeded random ones when allowed.
-
-    ``allow_random_init: true`` uses random weights only when ``model_path`` is not a file.
-    """
-    from vfmkd.teachers import build_teacher
-
-    weights = plan_config.model_path
-    random_init = plan_config.allow_random_init and (weights is None or not Path(weights).is_file())
-    try:
-        return build_teacher(
-            registry_name,
-            weights=None if random_init else weights,
-            random_init=random_init,
-            seed=plan_config.random_init_seed,
-            features=features,
-            image_size=plan_config.image_size,
-            device=device,
-        )
-    except FileNotFoundError as error:
-        raise ConfigError(f"teachers.{key}: {error} (or set allow_random_init: true for a smoke run)") from None
-
-
 def expected_store_fields(key: str, teacher: TeacherConfig, registry_name: str) -> dict[str, Any]:
     """What a store must hold for this teacher entry, known without loading the teacher.
 
@@ -133,8 +97,6 @@ def expected_store_fields(key: str, teacher: TeacherConfig, registry_name: str) 
     (their SHA-256) when ``model_path`` is a file, and no random weights unless
     ``allow_random_init`` is set.
     """
-    from vfmkd.teachers import canonical_teacher_name
-    from vfmkd.teachers.weights import file_sha256
 
     expected: dict[str, Any] = {"teacher": canonical_teacher_name(registry_name)}
     if teacher.image_size is not None:
@@ -166,55 +128,13 @@ def plan_distillation(config: ExperimentConfig, student_dims: Mapping[str, int],
         student_dims: channels of each student level (``model.feature_dims``).
         student_strides: stride of each student level.
     """
-    from vfmkd.registry import LOSSES, TEACHERS
-    import vfmkd.distillation.losses  # noqa: F401  (registers the losses)
-    import vfmkd.teachers  # noqa: F401
-
     losses = {name: entry for name, entry in config.distillation.losses.items() if name not in TASK_TERMS}
     used = {entry.teacher for entry in losses.values()}
-    teachers: dict[str, TeacherPlan] = {}
-    for key, raw_teacher in config.teachers.items():
-        if not raw_teacher.enabled or key not in used:
-            continue
-        teacher = _merged_teacher_config(key, raw_teacher)
-        registry_name = teacher.name or key
-        try:
-            TEACHERS.get(registry_name)
-        except KeyError as error:
-            raise ConfigError(f"teachers.{key}: {error.args[0]}") from None
-        if teacher.offline:
-            ratio = teacher.offline_ratio if teacher.offline_ratio is not None else config.distillation.offline_ratio
-        else:
-            ratio = 0.0
-        store = None
-        prebuilt = None
-        specs: dict[str, FeatureSpec]
-        if teacher.write_back:
-            if not teacher.offline or not teacher.feature_path:
-                raise ConfigError(
-                    f"teachers.{key}.write_back: fills the store at 'feature_path' that offline samples read; "
-                    "it needs 'feature_path' and offline: true (offline_ratio 0 fills the store without reading it)"
-                )
-            store = _open_store(key, teacher, registry_name, config, missing_ok=True)
-            if teacher.normalize and (store is None or len(store) == 0):
-                raise ConfigError(
-                    f"teachers.{key}.normalize needs the statistics of a filled store, and '{teacher.feature_path}' "
-                    "is empty; fill it first (extract it, or train once with write_back and normalize off)"
-                )
-            # NOTE: the teacher computes every stored feature, so that what it writes back
-            # is a whole store row; the specs of a store that does not exist yet are its own.
-            prebuilt = build_configured_teacher(
-                key, teacher, registry_name, list(store.specs) if store is not None else teacher.features
-            )
-            specs = dict(store.specs) if store is not None else dict(prebuilt.feature_specs)
-        elif ratio > 0.0:
-            store = _open_store(key, teacher, registry_name, config)
-            specs = dict(store.specs)
-        else:
-            # Every sample is online: the teacher is needed anyway, and declares its specs.
-            prebuilt = build_configured_teacher(key, teacher, registry_name, teacher.features)
-            specs = dict(prebuilt.feature_specs)
-        teachers[key] = TeacherPlan(key, registry_name, teacher, specs, ratio, store, prebuilt)
+    teachers = {
+        key: _plan_teacher(key, teacher, config)
+        for key, teacher in config.teachers.items()
+        if teacher.enabled and key in used
+    }
 
     terms: list[TermPlan] = []
     for entry_name, entry in losses.items():
@@ -275,12 +195,52 @@ def plan_distillation(config: ExperimentConfig, student_dims: Mapping[str, int],
     return teachers, terms
 
 
+def _plan_teacher(key: str, teacher: TeacherConfig, config: ExperimentConfig) -> TeacherPlan:
+    """One used teacher entry: its store (opened and checked), specs, offline share, and
+    the teacher itself when planning needs it (online only, or write-back)."""
+    registry_name = teacher.name or key
+    try:
+        TEACHERS.get(registry_name)
+    except KeyError as error:
+        raise ConfigError(f"teachers.{key}: {error.args[0]}") from None
+    if teacher.offline:
+        ratio = teacher.offline_ratio if teacher.offline_ratio is not None else config.distillation.offline_ratio
+    else:
+        ratio = 0.0
+    store = None
+    prebuilt = None
+    specs: dict[str, FeatureSpec]
+    if teacher.write_back:
+        if not teacher.offline or not teacher.feature_path:
+            raise ConfigError(
+                f"teachers.{key}.write_back: fills the store at 'feature_path' that offline samples read; "
+                "it needs 'feature_path' and offline: true (offline_ratio 0 fills the store without reading it)"
+            )
+        store = _open_store(key, teacher, registry_name, config, missing_ok=True)
+        if teacher.normalize and (store is None or len(store) == 0):
+            raise ConfigError(
+                f"teachers.{key}.normalize needs the statistics of a filled store, and '{teacher.feature_path}' "
+                "is empty; fill it first (extract it, or train once with write_back and normalize off)"
+            )
+        # NOTE: the teacher computes every stored feature, so that what it writes back
+        # is a whole store row; the specs of a store that does not exist yet are its own.
+        features = list(store.specs) if store is not None else teacher.features
+        prebuilt = build_teacher_from_config(key, teacher, features=features)
+        specs = dict(store.specs) if store is not None else dict(prebuilt.feature_specs)
+    elif ratio > 0.0:
+        store = _open_store(key, teacher, registry_name, config)
+        specs = dict(store.specs)
+    else:
+        # Every sample is online: the teacher is needed anyway, and declares its specs.
+        prebuilt = build_teacher_from_config(key, teacher, features=teacher.features)
+        specs = dict(prebuilt.feature_specs)
+    return TeacherPlan(key, registry_name, teacher, specs, ratio, store, prebuilt)
+
+
 def _open_store(
     key: str, teacher: TeacherConfig, registry_name: str, config: ExperimentConfig, *, missing_ok: bool = False
 ) -> Any:
     """The teacher's store at ``feature_path``, checked against the config (None if absent and ``missing_ok``)."""
-    from vfmkd.features.format import StoreMismatchError
-    from vfmkd.features.store import FeatureStore
 
     if not teacher.feature_path:
         raise ConfigError(

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from vfmkd.datasets.collate import collate_samples
 from vfmkd.geometry import Frame, merge_tiles, warp_features_batch
 
 OFFLINE_KEY = "teacher_offline"
@@ -87,6 +88,15 @@ class DistillationDataset(Dataset):
         if name in ("dataset", "plans", "_stores", "_writes_back"):
             raise AttributeError(name)
         return getattr(self.dataset, name)
+
+    @property
+    def mosaic_active(self) -> bool:
+        """Whether the wrapped data set may make mosaics."""
+        return bool(getattr(self.dataset, "mosaic_active", False))
+
+    def close_mosaic(self) -> None:
+        """Stop the wrapped data set's mosaics (offline rows follow each tile's frame either way)."""
+        self.dataset.close_mosaic()
 
     def set_epoch(self, epoch: int) -> None:
         """A new epoch: reopen write-back stores (they may hold new shards) and tell the data set."""
@@ -162,7 +172,6 @@ def collate_with_teacher_features(samples: list[dict[str, Any]]) -> dict[str, An
     ``ids`` (N), ``pixels`` (float32 ``[N, 3, S, S]``) and ``frames`` (N frame dicts), the
     batch's primary images missing from that teacher's store (empty dict when none is).
     """
-    from vfmkd.datasets.collate import collate_samples
 
     batch = collate_samples(samples)
     if any(WRITE_BACK_KEY in sample for sample in samples):

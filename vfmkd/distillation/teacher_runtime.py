@@ -20,7 +20,13 @@ import numpy as np
 import torch
 
 from vfmkd.config import ConfigError, ExperimentConfig
-from vfmkd.distillation.plan import TeacherPlan, TermPlan, build_configured_teacher, term_grid_stride
+from vfmkd.datasets import resolve_dataset
+from vfmkd.distillation.plan import TeacherPlan, TermPlan, term_grid_stride
+from vfmkd.distillation.write_back import StoreWriteBack
+from vfmkd.features.extract import cpu_preprocessor
+from vfmkd.features.format import FeatureStoreError, StoreHeader, describe_differences
+from vfmkd.features.store import FeatureStore
+from vfmkd.teachers import build_teacher_from_config
 from vfmkd.distillation.sources import OFFLINE_KEY, WRITE_BACK_KEY, OfflinePlan, offline_features, online_features
 from vfmkd.utils.distributed import all_gather_object, barrier, get_rank
 
@@ -56,7 +62,6 @@ class TeacherRuntime:
     # ------------------------------------------------------------------ data side
     def offline_plans(self) -> list[OfflinePlan]:
         """What the data loader workers read (and prepare for write-back), per teacher with a store."""
-        from vfmkd.features.extract import cpu_preprocessor
 
         plans = []
         for key, plan in self.teacher_plans.items():
@@ -79,7 +84,7 @@ class TeacherRuntime:
             features = sorted({term.feature for term in self.terms if term.teacher == key})
             teacher = plan.teacher
             if teacher is None:
-                teacher = build_configured_teacher(key, plan.config, plan.registry_name, features)
+                teacher = build_teacher_from_config(key, plan.config, features=features)
             teacher = teacher.to(device)
             if plan.store is not None:
                 _check_store_matches(key, plan.store, teacher)
@@ -245,7 +250,6 @@ class TeacherRuntime:
 
 def _check_store_matches(key: str, store: Any, teacher: Any) -> None:
     """A store made with other weights, preprocessing or specs than the live teacher is refused."""
-    from vfmkd.features.format import describe_differences
 
     stored = store.fingerprint_fields
     asked = teacher.fingerprint_fields()
@@ -265,9 +269,6 @@ def start_write_backs(config: ExperimentConfig, teachers: Mapping[str, TeacherPl
     A store that does not exist yet is made as ``vfmkd features extract`` would make it for
     the training split: float16, the teacher's features and fingerprint.
     """
-    from vfmkd.distillation.write_back import StoreWriteBack
-    from vfmkd.features.format import FeatureStoreError, StoreHeader
-    from vfmkd.features.store import FeatureStore
 
     started: list[StoreWriteBack] = []
     try:
@@ -311,7 +312,6 @@ def start_write_backs(config: ExperimentConfig, teachers: Mapping[str, TeacherPl
 
 def _resolved_data(dataset: str) -> str | None:
     """The data set's resolved file or folder (for ``vfmkd features verify``), None if it cannot be resolved."""
-    from vfmkd.datasets import resolve_dataset
 
     try:
         return str(resolve_dataset(dataset).source.resolve())

@@ -28,6 +28,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from vfmkd.config import load_teacher_config
 from vfmkd.errors import run_with_user_errors
 from vfmkd.features.codecs import CODEC_NAMES
 from vfmkd.features.format import FeatureStoreError, StoreMismatchError, describe_differences
@@ -108,9 +109,8 @@ def teacher_settings(
     else:
         config_file = find_project_file(name)
     if config_file is not None:
-        import yaml
-
-        config = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
+        # NOTE: the same reader as a training config's `teachers.<key>.config:` include.
+        config = load_teacher_config(config_file).model_dump(exclude_unset=True)
         logger.info("teacher `%s`: defaults from %s", name, config_file)
     resolved_weights = weights
     if weights is None and not random_init and config.get("model_path"):

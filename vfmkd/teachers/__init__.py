@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from vfmkd.config import ConfigError, TeacherConfig
 from vfmkd.registry import TEACHERS
 from vfmkd.teachers import dino_teacher, sam2_teacher, sam_teacher  # noqa: F401  (registers the teachers)
 from vfmkd.teachers.base import BaseTeacher, FeatureSpec
@@ -31,6 +32,7 @@ from vfmkd.teachers.weights import (
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "build_teacher_from_config",
     "BaseTeacher",
     "FeatureSpec",
     "MissingWeightsError",
@@ -63,6 +65,44 @@ def canonical_teacher_name(name: str) -> str:
         return name
     owners = [other for other in TEACHERS.names() if other in WEIGHTS and TEACHERS.get(other) is factory]
     return owners[0] if len(owners) == 1 else name
+
+
+def build_teacher_from_config(
+    key: str,
+    teacher: TeacherConfig,
+    *,
+    features: Sequence[str] | None = None,
+    device: torch.device | str = "cpu",
+) -> BaseTeacher:
+    """The teacher of an experiment config's ``teachers.<key>`` entry, the one path from config to teacher.
+
+    Its registry name is ``name`` (default: the key); ``model_path`` gives the weights, and
+    with ``allow_random_init: true`` seeded random weights (``random_init_seed``) replace
+    them when that file is absent.
+
+    Args:
+        key: the entry's key (for messages).
+        teacher: the entry (``config:`` includes already merged by the config loader).
+        features: features to extract (default: the entry's ``features``, else all).
+        device: where the teacher goes.
+
+    Raises:
+        ConfigError: the weights file is missing (with the download command).
+    """
+    weights = teacher.model_path
+    random_init = teacher.allow_random_init and (weights is None or not Path(weights).is_file())
+    try:
+        return build_teacher(
+            teacher.name or key,
+            weights=None if random_init else weights,
+            random_init=random_init,
+            seed=teacher.random_init_seed,
+            features=list(features) if features is not None else teacher.features,
+            image_size=teacher.image_size,
+            device=device,
+        )
+    except FileNotFoundError as error:
+        raise ConfigError(f"teachers.{key}: {error} (or set allow_random_init: true for a smoke run)") from None
 
 
 def build_teacher(
