@@ -206,3 +206,13 @@ def test_eval_reports_the_fidelity_training_reported(probe_store, tmp_path, caps
     reported = _eval_metrics(capsys.readouterr().out)
     assert "mAP50" in reported and not any(name.startswith("fidelity/") for name in reported)
     assert "feature fidelity skipped" in caplog.text and "moved_store" in caplog.text
+
+
+def test_unlabelled_data_without_distillation_is_a_config_error(probe_store, tmp_path):
+    root, data_yaml = probe_store
+    config = _config(root, data_yaml)
+    config.data.dataset = str(data_yaml.parent / "images")
+    config.distillation.losses = {"detection": config.distillation.losses["detection"]}
+    config.train.output_dir = str(tmp_path / "runs")
+    with pytest.raises(ConfigError, match="has no labels and the config has no distillation term"):
+        Trainer(config)

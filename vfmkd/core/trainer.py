@@ -41,6 +41,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 
+from vfmkd.config import ConfigError
 from vfmkd.utils import distributed
 from vfmkd.core.checkpoint import (
     CheckpointError,
@@ -267,6 +268,12 @@ class Trainer:
             has_labels = getattr(train_dataset, "has_labels", True)
             distiller = build_distiller(config, model)
             if not has_labels:
+                if distiller is None:
+                    raise ConfigError(
+                        f"data.dataset '{config.data.dataset}' has no labels and the config has no distillation "
+                        "term: there is nothing to learn; add a teacher and a distillation.losses entry, or "
+                        "give labelled data"
+                    )
                 logger.info("the training data has no labels: distillation terms only, no task losses")
             training_model: nn.Module = DistilledModel(
                 model, distiller, task_weights=task_loss_weights(config), task_losses=has_labels

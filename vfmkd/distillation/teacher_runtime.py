@@ -22,12 +22,12 @@ import torch
 from vfmkd.config import ConfigError, ExperimentConfig
 from vfmkd.datasets import resolve_dataset
 from vfmkd.distillation.plan import TeacherPlan, TermPlan, term_grid_stride
+from vfmkd.distillation.sources import OFFLINE_KEY, WRITE_BACK_KEY, OfflinePlan, offline_features, online_features
 from vfmkd.distillation.write_back import StoreWriteBack
 from vfmkd.features.extract import cpu_preprocessor
 from vfmkd.features.format import FeatureStoreError, StoreHeader, describe_differences
 from vfmkd.features.store import FeatureStore
 from vfmkd.teachers import build_teacher_from_config
-from vfmkd.distillation.sources import OFFLINE_KEY, WRITE_BACK_KEY, OfflinePlan, offline_features, online_features
 from vfmkd.utils.distributed import all_gather_object, barrier, get_rank
 
 logger = logging.getLogger(__name__)
@@ -62,7 +62,6 @@ class TeacherRuntime:
     # ------------------------------------------------------------------ data side
     def offline_plans(self) -> list[OfflinePlan]:
         """What the data loader workers read (and prepare for write-back), per teacher with a store."""
-
         plans = []
         for key, plan in self.teacher_plans.items():
             if plan.store is None or (plan.offline_ratio == 0.0 and plan.write_back is None):
@@ -88,8 +87,8 @@ class TeacherRuntime:
             teacher = teacher.to(device)
             if plan.store is not None:
                 _check_store_matches(key, plan.store, teacher)
-            # NOTE: kept out of this module's children, so teacher weights never reach the
-            # optimizer or the student's checkpoint.
+            # NOTE: the runtime is no module, so teacher weights never reach the optimizer,
+            # the EMA or a checkpoint.
             self._online[key] = teacher
             plan.teacher = None
         return teacher
