@@ -21,7 +21,7 @@ start of its turn) to ``after_step``, so data waiting counts. Data waiting is wh
 trainer itself measures around ``next(iterator)`` (``_interval_data_time``, logged as
 ``data_time_share``); taking turns gives each row's loader workers the other rows' steps
 to prefetch in, so the default is the stricter measure of it. ``teacher targets`` is the
-time in :meth:`Distiller.teacher_targets` (store maps warped into the student frame, plus
+time in :meth:`TeacherRuntime.teacher_targets` (store maps warped into the student frame, plus
 the teacher forward for online samples). The online teacher is built before timing.
 
 On a CPU shared with other work, ``--threads 1`` keeps the figures steady: with one torch
@@ -111,11 +111,11 @@ def row_config(base: dict[str, Any], name: str, offline_ratio: float | None) -> 
 def extract_store(config: Any, data_yaml: Path, store_dir: Path, workers: int) -> dict[str, float]:
     """Extract the teacher's store of the training split, as the trainer will expect it."""
     from vfmkd.datasets import build_dataset
-    from vfmkd.distillation.distiller import build_configured_teacher
+    from vfmkd.teachers import build_teacher_from_config
     from vfmkd.features.extract import extract_features
 
     teacher_config = config.teachers[TEACHER_KEY]
-    teacher = build_configured_teacher(TEACHER_KEY, teacher_config, teacher_config.name, teacher_config.features)
+    teacher = build_teacher_from_config(TEACHER_KEY, teacher_config)
     dataset = build_dataset({"dataset": str(data_yaml), "img_size": 64}, config.data.train_split, train=False)
     reused = (store_dir / "manifest.json").is_file()
     start = time.perf_counter()
@@ -176,7 +176,6 @@ def build_trainer(config: Any, name: str, baton: Baton | None) -> Any:
     """A trainer that records, per step: its start and end, its data waiting and the
     teacher-target seconds so far; with a baton it steps only on its turn."""
     from vfmkd.core.trainer import Trainer
-    from vfmkd.distillation.distiller import Distiller
 
     teacher_seconds = [0.0]
 
@@ -196,9 +195,10 @@ def build_trainer(config: Any, name: str, baton: Baton | None) -> Any:
     trainer.stamps = []
     trainer.waited = 0.0
     trainer.evaluate = lambda: None  # type: ignore[method-assign]
-    distiller = trainer.loss_fn if isinstance(trainer.loss_fn, Distiller) else None
+    distiller = getattr(trainer.model, "distiller", None)
     if distiller is not None:
-        teacher_targets = distiller.teacher_targets
+        runtime = distiller.teachers
+        teacher_targets = runtime.teacher_targets
 
         def timed_teacher_targets(*arguments: Any, **options: Any) -> Any:
             start = time.perf_counter()
@@ -207,10 +207,10 @@ def build_trainer(config: Any, name: str, baton: Baton | None) -> Any:
             finally:
                 teacher_seconds[0] += time.perf_counter() - start
 
-        distiller.teacher_targets = timed_teacher_targets  # type: ignore[method-assign]
-        for key, plan in distiller.teacher_plans.items():
+        runtime.teacher_targets = timed_teacher_targets  # type: ignore[method-assign]
+        for key, plan in runtime.teacher_plans.items():
             if plan.offline_ratio < 1.0:
-                distiller.online_teacher(key, trainer.device)
+                runtime.online_teacher(key, trainer.device)
     return trainer
 
 

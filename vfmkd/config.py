@@ -28,13 +28,16 @@ from __future__ import annotations
 import copy
 import difflib
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from vfmkd.errors import UserError
 from vfmkd.utils.paths import find_project_file
+
+
+_ModelT = TypeVar("_ModelT", bound=BaseModel)
 
 
 class ConfigError(UserError, ValueError):
@@ -313,13 +316,7 @@ def load_teacher_config(path: str | Path) -> TeacherConfig:
         raise ConfigError(f"{found}: a teacher config must be a mapping of teacher keys, got {type(loaded).__name__}")
     if "config" in loaded:
         raise ConfigError(f"{found}: 'config' inside a teacher config file is not supported (one level of include)")
-    problems = _unknown_keys(loaded, TeacherConfig, "")
-    if not problems:
-        try:
-            return TeacherConfig.model_validate(loaded)
-        except ValidationError as error:
-            problems = _format_validation_error(error)
-    raise ConfigError(f"{found}: invalid teacher config:\n  " + "\n  ".join(problems))
+    return _validated(TeacherConfig, loaded, f"{found}: invalid teacher config")
 
 
 def _resolve_teacher_includes(data: dict[str, Any]) -> dict[str, Any]:
@@ -357,13 +354,18 @@ def validate_config(data: dict[str, Any], source: str = "<config>") -> Experimen
         data = _resolve_teacher_includes(data)
     except ConfigError as error:
         raise ConfigError(f"{source}: {error}") from None
-    problems = _unknown_keys(data, ExperimentConfig, "")
+    return _validated(ExperimentConfig, data, f"{source}: invalid config")
+
+
+def _validated(schema: type[_ModelT], data: dict[str, Any], heading: str) -> _ModelT:
+    """``data`` as ``schema``; every unknown key (with the closest valid one) or bad value named."""
+    problems = _unknown_keys(data, schema, "")
     if not problems:
         try:
-            return ExperimentConfig.model_validate(data)
+            return schema.model_validate(data)
         except ValidationError as error:
             problems = _format_validation_error(error)
-    raise ConfigError(f"{source}: invalid config:\n  " + "\n  ".join(problems))
+    raise ConfigError(f"{heading}:\n  " + "\n  ".join(problems))
 
 
 def read_yaml(path: str | Path) -> Any:

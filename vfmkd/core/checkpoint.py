@@ -131,7 +131,7 @@ def save_checkpoint(
             ``distiller`` are saved apart) or a plain model.
         optimizer: its state is saved when given.
         scheduler_state: plain values describing the LR schedule.
-        ema: a :class:`~vfmkd.core.ema.ModelEMA` (or anything with ``state_dict()``).
+        ema: the :class:`~vfmkd.core.ema.ModelEMA` of ``model``.
         scaler: the AMP gradient scaler.
         step: optimizer steps done.
         epoch: the epoch in progress (or the next one when ``batch_in_epoch == 0``).
@@ -181,8 +181,6 @@ def _ema_state(ema: Any | None) -> dict[str, Any] | None:
     """The EMA's averaged student and distiller, saved apart like the live ones."""
     if ema is None:
         return None
-    if not hasattr(ema, "module"):
-        return ema.state_dict()
     student, distiller = _student_and_distiller(ema.module)
     return {
         "module": student.state_dict(),

@@ -179,7 +179,8 @@ class LossFunctionModel(nn.Module):
     Args:
         student: the model; ``student(images)`` gives its outputs.
         loss_fn: ``loss_fn(student, outputs, batch) -> {name: scalar}``; an ``nn.Module``
-            becomes a child (moved and saved with the student's training state).
+            becomes a child (moved with the student, its parameters optimised with it;
+            checkpoints keep the student only).
     """
 
     def __init__(self, student: nn.Module, loss_fn: LossFunction) -> None:
@@ -196,6 +197,52 @@ def collate_samples_default() -> Callable[[list[dict[str, Any]]], dict[str, Any]
     from vfmkd.datasets.collate import collate_samples
 
     return collate_samples
+
+
+def _built_from_config(
+    config: Any, model: nn.Module | None, train_dataset: Dataset | None, val_dataset: Dataset | None
+) -> tuple[nn.Module, Dataset, Dataset]:
+    """The student and the data sets, each built from the config unless given."""
+    if model is None:
+        from vfmkd.models import build_model
+
+        model = build_model(config.to_dict()["model"])
+    if train_dataset is None or val_dataset is None:
+        from vfmkd.datasets import build_dataset
+
+        if train_dataset is None:
+            train_dataset = build_dataset(config.data, config.data.train_split, train=True)
+        if val_dataset is None:
+            val_dataset = build_dataset(config.data, config.data.val_split, train=False)
+    return model, train_dataset, val_dataset
+
+
+def _distilled_model(
+    config: Any, student: nn.Module, train_dataset: Dataset, collate_fn: Callable[[list[Any]], dict[str, Any]] | None
+) -> tuple[nn.Module, Dataset, Callable[[list[Any]], dict[str, Any]] | None]:
+    """The config's training model: the student with its task-loss weights and distiller.
+
+    With distillation terms the training data set reads the teacher stores in the loader
+    workers, and (unless a collate function was given) batches carry the offline records.
+    """
+    from vfmkd.distillation.distiller import DistilledModel, build_distiller, task_loss_weights
+    from vfmkd.distillation.sources import DistillationDataset, collate_with_teacher_features
+
+    has_labels = getattr(train_dataset, "has_labels", True)
+    distiller = build_distiller(config, student)
+    if not has_labels:
+        if distiller is None:
+            raise ConfigError(
+                f"data.dataset '{config.data.dataset}' has no labels and the config has no distillation "
+                "term: there is nothing to learn; add a teacher and a distillation.losses entry, or "
+                "give labelled data"
+            )
+        logger.info("the training data has no labels: distillation terms only, no task losses")
+    model = DistilledModel(student, distiller, task_weights=task_loss_weights(config), task_losses=has_labels)
+    if distiller is not None:
+        train_dataset = DistillationDataset(train_dataset, distiller.teachers.offline_plans())
+        collate_fn = collate_fn or collate_with_teacher_features
+    return model, train_dataset, collate_fn
 
 
 class Trainer:
@@ -246,49 +293,16 @@ class Trainer:
         self.last_path = self.checkpoint_dir / "last.pt"
         self.best_path = self.checkpoint_dir / "best.pt"
 
-        if model is None:
-            from vfmkd.models import build_model
-
-            model = build_model(config.to_dict()["model"])
-        if train_dataset is None or val_dataset is None:
-            from vfmkd.datasets import build_dataset
-
-            if train_dataset is None:
-                train_dataset = build_dataset(config.data, config.data.train_split, train=True)
-            if val_dataset is None:
-                val_dataset = build_dataset(config.data, config.data.val_split, train=False)
+        model, train_dataset, val_dataset = _built_from_config(config, model, train_dataset, val_dataset)
         self.val_dataset = val_dataset
-        if collate_fn is None:
-            collate_fn = collate_samples_default()
-        self.collate_fn = collate_fn
         if loss_fn is None:
-            from vfmkd.distillation.distiller import DistilledModel, build_distiller, task_loss_weights
-            from vfmkd.distillation.sources import DistillationDataset, collate_with_teacher_features
-
-            has_labels = getattr(train_dataset, "has_labels", True)
-            distiller = build_distiller(config, model)
-            if not has_labels:
-                if distiller is None:
-                    raise ConfigError(
-                        f"data.dataset '{config.data.dataset}' has no labels and the config has no distillation "
-                        "term: there is nothing to learn; add a teacher and a distillation.losses entry, or "
-                        "give labelled data"
-                    )
-                logger.info("the training data has no labels: distillation terms only, no task losses")
-            training_model: nn.Module = DistilledModel(
-                model, distiller, task_weights=task_loss_weights(config), task_losses=has_labels
-            )
-            if distiller is not None:
-                train_dataset = DistillationDataset(train_dataset, distiller.teachers.offline_plans())
-                if self.collate_fn is collate_samples_default():
-                    self.collate_fn = collate_with_teacher_features
+            training_model, train_dataset, collate_fn = _distilled_model(config, model, train_dataset, collate_fn)
         else:
             training_model = LossFunctionModel(model, loss_fn)
+        self.collate_fn = collate_fn or collate_samples_default()
         self.train_dataset = train_dataset
         # The trained module: ``model(batch) -> {name: loss}``; ``model.student`` is what is evaluated.
         self.model: nn.Module = training_model.to(self.device)
-        distiller = getattr(self.model, "distiller", None)
-        self._teachers = distiller.teachers if distiller is not None else None
 
         self.optimizer = build_optimizer(self.model, train_cfg)
         self.autocast_enabled, self.autocast_dtype = resolve_amp(self.device, train_cfg.amp, train_cfg.amp_dtype)
@@ -816,6 +830,12 @@ class Trainer:
         for name, value in metrics.items():
             logger.info("%s %.4f", name, value)
         return metrics
+
+    @property
+    def _teachers(self) -> Any:
+        """The distiller's teacher runtime (write-back commits at epoch ends), None without one."""
+        distiller = getattr(self.model, "distiller", None)
+        return distiller.teachers if distiller is not None else None
 
     def _evaluated(self) -> nn.Module:
         """The training model whose weights are evaluated: the EMA copy when there is one."""

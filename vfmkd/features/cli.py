@@ -208,10 +208,9 @@ def _build_teacher(settings: TeacherSettings, *, random_init: bool, seed: int, d
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
-    from vfmkd.utils.distributed import cleanup, init_distributed
     from vfmkd.datasets import build_dataset, resolve_dataset
     from vfmkd.features.extract import extract_features
-    from vfmkd.utils.distributed import resolve_device
+    from vfmkd.utils.distributed import cleanup, init_distributed, resolve_device
 
     info = init_distributed()
     if info.rank != 0:
@@ -317,8 +316,8 @@ def format_store_info(store: FeatureStore) -> str:
 def _cmd_verify(args: argparse.Namespace) -> int:
     from vfmkd.datasets import build_dataset
     from vfmkd.features.extract import verify_against_teacher
-    from vfmkd.utils.distributed import resolve_device
     from vfmkd.features.format import StoreCorruptError
+    from vfmkd.utils.distributed import resolve_device
 
     try:
         store = FeatureStore.open(args.dir, verify=True)
