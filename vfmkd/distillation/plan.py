@@ -70,7 +70,6 @@ class TermPlan:
     """One distillation term: a student level matched to a teacher feature."""
 
     name: str
-    entry: str
     teacher: str
     feature: str
     level: str
@@ -149,6 +148,8 @@ def plan_distillation(config: ExperimentConfig, student_dims: Mapping[str, int],
         loss_type = entry.type or (entry_name[len(LOSS_NAME_PREFIX):] if entry_name.startswith(LOSS_NAME_PREFIX) else entry_name)
         if loss_type not in LOSSES:
             raise ConfigError(f"{where}.type: unknown loss '{loss_type}'; known: {', '.join(LOSSES.names())}")
+        # What the loss needs is declared on its class (FeatureLoss.needs_spatial_map, ...).
+        loss_class = LOSSES.get(loss_type)
         feature = entry.feature or next(iter(plan.specs))
         if feature not in plan.specs:
             raise ConfigError(f"{where}.feature: teacher '{entry.teacher}' has no feature '{feature}' "
@@ -160,12 +161,10 @@ def plan_distillation(config: ExperimentConfig, student_dims: Mapping[str, int],
         for level in levels:
             if level not in student_dims:
                 raise ConfigError(f"{where}.student: the student has no level '{level}' (levels: {', '.join(student_dims)})")
-            if spec.stride == 0 and entry.align_to == "teacher" and loss_type in ("cwd", "fgd", "mgd"):
+            if spec.stride == 0 and entry.align_to == "teacher" and loss_class.needs_spatial_map:
                 raise ConfigError(f"{where}: '{loss_type}' needs a spatial map; '{feature}' is a global vector")
             adapter = entry.adapter or "conv1x1"
-            # NOTE: mgd's own generator maps student channels to teacher channels.
-            generative = loss_type == "mgd"
-            if adapter in ("none", "identity") and student_dims[level] != spec.channels and not generative:
+            if adapter in ("none", "identity") and student_dims[level] != spec.channels and not loss_class.maps_channels:
                 raise ConfigError(
                     f"{where}.adapter: '{adapter}' needs equal channels, but {level} has {student_dims[level]} "
                     f"and {entry.teacher}.{feature} has {spec.channels}; use conv1x1, conv_norm_conv or mlp"
@@ -173,7 +172,6 @@ def plan_distillation(config: ExperimentConfig, student_dims: Mapping[str, int],
             terms.append(
                 TermPlan(
                     name=f"distill/{entry.teacher}/{feature}<-{level}",
-                    entry=entry_name,
                     teacher=entry.teacher,
                     feature=feature,
                     level=level,

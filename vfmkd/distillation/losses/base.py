@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import torch
 from torch import nn
@@ -100,16 +100,28 @@ class FeatureLoss(nn.Module, abc.ABC):
     Losses without parameters ignore both.
 
     Subclasses implement :meth:`compute`; :meth:`forward` prepares the inputs as the
-    module docstring describes.
+    module docstring describes. They declare what they need in class attributes, which
+    the planner (:func:`~vfmkd.distillation.plan.plan_distillation`) reads, so that no
+    loss name is written anywhere else.
+
+    Attributes:
+        needs_spatial_map: The formula works across cells (a softmax over space, spatial
+            attention or masks), so a global teacher vector (one cell) makes it
+            meaningless; the planner refuses such a pair on the teacher's grid.
+        maps_channels: The loss's own parameters map student channels to teacher
+            channels (``mgd``'s generator), so it takes ``Cs != Ct`` and allows
+            ``adapter: none`` with unequal channels. All others need identical shapes.
+        uses_boxes: The loss reads ground-truth boxes from ``targets`` (``fgd``). It runs
+            without them (unlabelled data), but its box terms are then 0.
 
     Args:
         student_channels: Channels of the student map passed to ``forward``.
         teacher_channels: Channels of the teacher map passed to ``forward``.
     """
 
-    # NOTE: True only for losses whose own parameters map student channels to teacher
-    # channels (mgd); all others need identical student and teacher shapes.
-    maps_channels: bool = False
+    needs_spatial_map: ClassVar[bool] = False
+    maps_channels: ClassVar[bool] = False
+    uses_boxes: ClassVar[bool] = False
 
     def __init__(self, *, student_channels: int | None = None, teacher_channels: int | None = None) -> None:
         super().__init__()

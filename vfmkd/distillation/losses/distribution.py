@@ -111,6 +111,8 @@ class ChannelWiseDistillationLoss(FeatureLoss):
         teacher_channels: Ignored.
     """
 
+    needs_spatial_map = True
+
     def __init__(
         self,
         *,

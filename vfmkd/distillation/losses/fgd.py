@@ -219,6 +219,9 @@ class FocalGlobalLoss(FeatureLoss):
         global_weight: lambda.
     """
 
+    needs_spatial_map = True
+    uses_boxes = True
+
     def __init__(
         self,
         *,

@@ -67,6 +67,7 @@ class MaskedGenerativeLoss(FeatureLoss):
         mask_ratio: Probability that a cell is dropped (``lambda_mgd``), in ``[0, 1]``.
     """
 
+    needs_spatial_map = True
     maps_channels = True
 
     def __init__(
