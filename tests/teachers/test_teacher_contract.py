@@ -35,8 +35,15 @@ def _family(name: str) -> str:
 
 
 def _registered_families() -> list[str]:
-    """The family of every registered name that owns its architecture (aliases left out)."""
-    return sorted({_family(name) for name in TEACHERS.names() if canonical_teacher_name(name) == name})
+    """The family of every name vfmkd registers that owns its architecture (aliases and the
+    test helpers' teachers left out)."""
+    return sorted(
+        {
+            _family(name)
+            for name in TEACHERS.names()
+            if canonical_teacher_name(name) == name and TEACHERS.get(name).__module__.split(".")[0] == "vfmkd"
+        }
+    )
 
 
 # The smallest variant of each family and a small input size it accepts (a multiple of
