@@ -214,7 +214,7 @@ def test_timm_checkpoint_round_trip_and_mismatch_errors(tmp_path: Path) -> None:
     for level, reference in zip(("p3", "p4", "p5"), expected):
         torch.testing.assert_close(features[level], reference)
 
-    with pytest.raises(ValueError, match="does not match variant 'm1_0'.*shape mismatch"):
+    with pytest.raises(ValueError, match="for variant 'm1_0' does not fit: .*shape mismatch.*another variant"):
         RepViTBackbone("m1_0", checkpoint=path)
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         RepViTBackbone("m0_9", checkpoint=tmp_path / "missing.pth")

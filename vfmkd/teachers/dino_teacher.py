@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from vfmkd.geometry import Frame, resize_frame
 from vfmkd.registry import TEACHERS
 from vfmkd.teachers.base import BaseTeacher, FeatureSpec
+from vfmkd.utils.state_dict import load_state_dict_strict
 
 logger = logging.getLogger(__name__)
 
@@ -404,7 +405,7 @@ def _use_stored_rope_periods(model: torch.nn.Module, periods: torch.Tensor, teac
     rope = model.rope
     if tuple(periods.shape) != tuple(rope.periods.shape):
         raise ValueError(
-            f"the checkpoint does not fit teacher '{teacher_name}': rope_embed.periods is {tuple(periods.shape)}, "
+            f"the checkpoint for teacher '{teacher_name}' does not fit: rope_embed.periods is {tuple(periods.shape)}, "
             f"expected {tuple(rope.periods.shape)}"
         )
     stored = periods.detach().to(device=rope.periods.device, dtype=rope.periods.dtype)
@@ -421,27 +422,15 @@ def _load_official(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor
     expected_shape = tuple(model.patch_embed.proj.weight.shape)
     if patch_weight is not None and tuple(patch_weight.shape) != expected_shape:
         raise ValueError(
-            f"the checkpoint does not fit teacher '{teacher_name}': patch_embed.proj.weight is "
+            f"the checkpoint for teacher '{teacher_name}' does not fit: patch_embed.proj.weight is "
             f"{tuple(patch_weight.shape)}, expected {expected_shape}. Is it the official file for {teacher_name}?"
         )
-    converted = official_to_timm(state_dict, model)
-    try:
-        result = model.load_state_dict(converted, strict=False)
-    except RuntimeError as error:  # tensor shapes that do not fit
-        raise ValueError(f"the checkpoint does not fit teacher '{teacher_name}': {error}") from error
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(
-            f"the checkpoint does not fit teacher '{teacher_name}': missing {_shorten(result.missing_keys)}, "
-            f"unexpected {_shorten(result.unexpected_keys)}. Is it the official file for {teacher_name}?"
-        )
-
-
-def _shorten(keys: Sequence[str], limit: int = 8) -> str:
-    keys = list(keys)
-    if not keys:
-        return "none"
-    shown = ", ".join(keys[:limit])
-    return f"[{shown}{f', ... ({len(keys)} in all)' if len(keys) > limit else ''}]"
+    load_state_dict_strict(
+        model,
+        official_to_timm(state_dict, model),
+        source=f"the checkpoint for teacher '{teacher_name}'",
+        hint=f"Is it the official file for {teacher_name}?",
+    )
 
 
 def _create_timm_model(timm_name: str, image_size: int, *, dynamic_img_size: bool) -> torch.nn.Module:

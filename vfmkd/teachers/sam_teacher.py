@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from vfmkd.geometry import Frame, longest_side_frame
 from vfmkd.registry import TEACHERS
 from vfmkd.teachers.base import BaseTeacher, FeatureSpec
+from vfmkd.utils.state_dict import list_keys, load_state_dict_strict
 
 if TYPE_CHECKING:
     from segment_anything.modeling import Sam
@@ -58,7 +59,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_IMAGE_SIZE = 1024
 PATCH_SIZE = 16
 PROMPT_EMBED_DIM = 256
-MAX_LISTED_KEYS = 10
 
 
 @dataclass(frozen=True)
@@ -113,12 +113,6 @@ def check_rgb_image(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
-def _list_keys(keys: Sequence[str]) -> str:
-    shown = ", ".join(keys[:MAX_LISTED_KEYS])
-    more = len(keys) - MAX_LISTED_KEYS
-    return shown + (f" (+{more} more)" if more > 0 else "")
-
-
 def unwrap_state_dict(
     checkpoint: Mapping[str, Any], *, teacher_name: str, expected_file: str
 ) -> Mapping[str, torch.Tensor]:
@@ -143,7 +137,7 @@ def unwrap_state_dict(
     not_tensors = [key for key, value in state_dict.items() if not isinstance(value, torch.Tensor)]
     if not_tensors:
         raise ValueError(
-            f"checkpoint for teacher '{teacher_name}' is not a state dict: entries {_list_keys(not_tensors)} are "
+            f"checkpoint for teacher '{teacher_name}' is not a state dict: entries {list_keys(not_tensors)} are "
             f"not tensors. Expected the official file '{expected_file}' loaded with "
             "torch.load(path, weights_only=True)."
         )
@@ -165,27 +159,12 @@ def load_official_state_dict(
         ValueError: listing (the first few) missing keys, unexpected keys and shape
             mismatches, and naming the official file that was expected.
     """
-    own = model.state_dict()
-    missing = [key for key in own if key not in state_dict]
-    unexpected = [key for key in state_dict if key not in own]
-    mismatched = [
-        f"{key} (checkpoint {tuple(value.shape)}, model {tuple(own[key].shape)})"
-        for key, value in state_dict.items()
-        if key in own and tuple(value.shape) != tuple(own[key].shape)
-    ]
-    if missing or unexpected or mismatched:
-        problems = []
-        if missing:
-            problems.append(f"{len(missing)} missing key(s): {_list_keys(missing)}")
-        if unexpected:
-            problems.append(f"{len(unexpected)} unexpected key(s): {_list_keys(unexpected)}")
-        if mismatched:
-            problems.append(f"{len(mismatched)} shape mismatch(es): {_list_keys(mismatched)}")
-        raise ValueError(
-            f"checkpoint does not fit teacher '{teacher_name}': {'; '.join(problems)}. Expected the official "
-            f"file '{expected_file}' loaded with torch.load(path, weights_only=True)."
-        )
-    model.load_state_dict(state_dict, strict=True)
+    load_state_dict_strict(
+        model,
+        state_dict,
+        source=f"checkpoint for teacher '{teacher_name}'",
+        hint=f"Expected the official file '{expected_file}' loaded with torch.load(path, weights_only=True).",
+    )
 
 
 def prompt_count(

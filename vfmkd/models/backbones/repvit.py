@@ -44,6 +44,7 @@ from torch import nn
 
 from vfmkd.models.backbones.base import BaseBackbone
 from vfmkd.registry import BACKBONES
+from vfmkd.utils.state_dict import load_state_dict_strict
 
 __all__ = ["REPVIT_VARIANTS", "RepViTBackbone", "checkpoint_filter_fn", "normalize_variant_name"]
 
@@ -295,25 +296,12 @@ class RepViTBackbone(BaseBackbone):
             state_dict = checkpoint_filter_fn(load_state_dict(str(path), use_ema=False, weights_only=True), self.repvit)
         except KeyError as error:
             raise ValueError(f"RepViT checkpoint {path}: {error.args[0]}") from error
-        expected = self.repvit.state_dict()
-        missing = sorted(set(expected) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(expected))
-        mismatched = [
-            f"{key}: file {tuple(state_dict[key].shape)} vs model {tuple(expected[key].shape)}"
-            for key in sorted(set(expected) & set(state_dict))
-            if state_dict[key].shape != expected[key].shape
-        ]
-        if missing or unexpected or mismatched:
-            problems = []
-            for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
-                if keys:
-                    shown = "; ".join(keys[:10]) + (f"; ... ({len(keys)} in all)" if len(keys) > 10 else "")
-                    problems.append(f"{label}: {shown}")
-            raise ValueError(
-                f"RepViT checkpoint {path} does not match variant '{self.variant}' (is it another variant, or a "
-                "fused/deployed model?). " + " | ".join(problems)
-            )
-        self.repvit.load_state_dict(state_dict, strict=True)
+        load_state_dict_strict(
+            self.repvit,
+            state_dict,
+            source=f"RepViT checkpoint {path} for variant '{self.variant}'",
+            hint="Is it another variant, or a fused/deployed model?",
+        )
         logger.info("loaded RepViT %s weights from %s (%d tensors)", self.variant, path, len(state_dict))
 
     def default_neck_config(self) -> dict[str, Any]:

@@ -39,11 +39,11 @@ from torch import nn
 
 from vfmkd.models.backbones.base import BaseBackbone
 from vfmkd.registry import BACKBONES
+from vfmkd.utils.state_dict import check_state_dict, list_keys, load_state_dict_strict
 
 __all__ = [
     "LEVEL_STRIDES",
     "TimmBackbone",
-    "check_state_dict",
     "convert_timm_state_dict",
     "load_timm_checkpoint",
     "read_checkpoint",
@@ -97,7 +97,7 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     not_tensors = sorted(key for key, value in state_dict.items() if not isinstance(value, torch.Tensor))
     if not_tensors:
         raise ValueError(
-            f"{path} is not a plain state dict: entries {_shorten(not_tensors)} are not tensors (a training "
+            f"{path} is not a plain state dict: entries [{list_keys(not_tensors)}] are not tensors (a training "
             "checkpoint should keep the weights under 'state_dict' or 'model')"
         )
     return dict(state_dict)
@@ -132,34 +132,6 @@ def convert_timm_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Mo
     return converted
 
 
-def check_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module, *, description: str) -> None:
-    """Raise unless ``state_dict`` has exactly ``model``'s keys, with the same shapes.
-
-    Args:
-        state_dict: Tensors to load.
-        model: The module they are for (may live on the meta device).
-        description: What is loaded into what, for the error message.
-
-    Raises:
-        ValueError: listing missing, unexpected and shape-mismatched keys.
-    """
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    mismatched = [
-        f"{key}: file {tuple(state_dict[key].shape)} vs model {tuple(expected[key].shape)}"
-        for key in sorted(set(expected) & set(state_dict))
-        if state_dict[key].shape != expected[key].shape
-    ]
-    if missing or unexpected or mismatched:
-        problems = [
-            f"{label} {_shorten(keys)}"
-            for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched))
-            if keys
-        ]
-        raise ValueError(f"{description} does not fit: " + "; ".join(problems))
-
-
 def load_timm_checkpoint(model: nn.Module, path: str | Path, *, description: str) -> None:
     """Read, convert and strictly load a checkpoint into a full timm model.
 
@@ -172,8 +144,7 @@ def load_timm_checkpoint(model: nn.Module, path: str | Path, *, description: str
         ValueError: when keys or shapes do not match (classifier weights excepted).
     """
     state_dict = convert_timm_state_dict(read_checkpoint(path), model)
-    check_state_dict(state_dict, model, description=f"checkpoint {path} for {description}")
-    model.load_state_dict(state_dict, strict=True)
+    load_state_dict_strict(model, state_dict, source=f"checkpoint {path} for {description}")
     logger.info("loaded %s weights from %s (%d tensors)", description, path, len(state_dict))
 
 
@@ -335,7 +306,7 @@ def _checked_state_dict(name: str, checkpoint: str | Path, model_kwargs: Mapping
         description=f"timm model '{name}'",
     )
     state_dict = convert_timm_state_dict(read_checkpoint(checkpoint), reference)
-    check_state_dict(state_dict, reference, description=f"checkpoint {checkpoint} for timm model '{name}'")
+    check_state_dict(reference, state_dict, source=f"checkpoint {checkpoint} for timm model '{name}'")
     logger.info("loading timm model '%s' weights from %s (%d tensors)", name, checkpoint, len(state_dict))
     return state_dict
 
@@ -350,8 +321,3 @@ def _build_on_meta(create: Callable[[], nn.Module], *, description: str) -> nn.M
         logger.debug("building %s on the meta device failed (%s); building it on the CPU", description, error)
         return create()
 
-
-def _shorten(keys: Sequence[str], limit: int = 8) -> str:
-    keys = list(keys)
-    shown = ", ".join(keys[:limit])
-    return f"[{shown}{f', ... ({len(keys)} in all)' if len(keys) > limit else ''}]"
