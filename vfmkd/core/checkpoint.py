@@ -39,6 +39,7 @@ from torch import nn
 from vfmkd.errors import UserError
 from vfmkd.utils.distributed import unwrap_model
 from vfmkd.utils.io import atomic_torch_save
+from vfmkd.utils.state_dict import state_dict_problems
 
 __all__ = [
     "CHECKPOINT_FORMAT_VERSION",
@@ -225,13 +226,14 @@ def _load_distiller(distiller: nn.Module | None, state: Mapping[str, Any] | None
             "the checkpoint has no distillation adapters, but this config distils; resume with the config the "
             "run was trained with (its run directory's config.yaml)"
         )
-    missing, unexpected = distiller.load_state_dict(state, strict=False)
-    if missing or unexpected:
+    problems = state_dict_problems(distiller.state_dict(), state)
+    if problems:
         raise CheckpointError(
             "the checkpoint's distillation adapters do not fit the config's distillation terms "
-            f"(missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}); use the config the run was "
-            "trained with (its run directory's config.yaml)"
+            f"({problems.describe(limit=4)}); use the config the run was trained with (its run directory's "
+            "config.yaml)"
         )
+    distiller.load_state_dict(state, strict=True)
 
 
 def _upgrade_format1(checkpoint: dict[str, Any]) -> dict[str, Any]:
