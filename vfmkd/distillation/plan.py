@@ -24,8 +24,8 @@ from vfmkd.registry import LOSSES, TEACHERS
 from vfmkd.features.format import StoreMismatchError
 from vfmkd.features.store import FeatureStore
 from vfmkd.teachers import build_teacher_from_config, canonical_teacher_name
-from vfmkd.teachers.weights import file_sha256
 from vfmkd.teachers.base import FeatureSpec
+from vfmkd.utils.hashing import file_sha256
 
 logger = logging.getLogger(__name__)
 

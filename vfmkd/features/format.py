@@ -25,7 +25,6 @@ The writer is :mod:`vfmkd.features.writer`, the reader :mod:`vfmkd.features.stor
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ import numpy as np
 from vfmkd.errors import UserError
 from vfmkd.features.codecs import Codec, get_codec
 from vfmkd.teachers.base import FeatureSpec
+from vfmkd.utils.hashing import file_sha256, json_sha256
 
 __all__ = [
     "FORMAT_NAME",
@@ -49,7 +49,6 @@ __all__ = [
     "StoreMismatchError",
     "StoreNotFoundError",
     "describe_differences",
-    "file_sha256",
     "fingerprint_of",
     "manifest_checksum",
     "merge_statistics",
@@ -70,7 +69,6 @@ REBUILD_HINT = (
     "re-run the extraction with the same command: it drops damaged shards and recomputes "
     "their samples"
 )
-HASH_CHUNK_BYTES = 8 << 20
 
 
 # --------------------------------------------------------------------------- errors
@@ -153,22 +151,13 @@ def _normalised(value: Any) -> Any:
 
 def fingerprint_of(fields: Mapping[str, Any]) -> str:
     """The fingerprint of fingerprint fields (as :meth:`BaseTeacher.fingerprint` hashes them)."""
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+    return json_sha256(fields)
 
 
 def manifest_checksum(manifest: Mapping[str, Any]) -> str:
     """SHA-256 of a manifest's content (every key but ``content_sha256``)."""
     content = {key: value for key, value in manifest.items() if key != "content_sha256"}
-    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(HASH_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return json_sha256(content)
 
 
 # --------------------------------------------------------------------------- header

@@ -25,9 +25,9 @@ from vfmkd.teachers.weights import (
     WEIGHTS,
     WeightsEntry,
     default_weights_path,
-    file_sha256,
     load_checkpoint_file,
 )
+from vfmkd.utils.hashing import file_sha256
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import abc
 import hashlib
-import json
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Sequence
 
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from vfmkd.geometry import Frame
+from vfmkd.utils.hashing import json_sha256
 
 
 @dataclass(frozen=True)
@@ -185,7 +185,7 @@ class BaseTeacher(nn.Module, abc.ABC):
 
         Two stores with the same fingerprint hold interchangeable features.
         """
-        return hashlib.sha256(json.dumps(self.fingerprint_fields(), sort_keys=True).encode()).hexdigest()
+        return json_sha256(self.fingerprint_fields())
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """The fields the fingerprint hashes; a mismatch is reported field by field."""

@@ -21,7 +21,6 @@ Sources:
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import logging
 import os
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from vfmkd.errors import UserError
+from vfmkd.utils.hashing import file_sha256
 from vfmkd.utils.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -51,13 +51,12 @@ __all__ = [
     "default_weights_path",
     "download_file",
     "download_weights",
-    "file_sha256",
     "load_checkpoint_file",
     "weights_entry",
 ]
 
 DEFAULT_WEIGHTS_DIR = "weights"
-CHUNK_BYTES = 1 << 20  # 1 MiB: the unit of reading, hashing and progress.
+CHUNK_BYTES = 1 << 20  # 1 MiB: the unit of reading and of download progress.
 
 APACHE = "Apache-2.0"
 DINOV3_LICENCE = "DINOv3 License"
@@ -226,15 +225,6 @@ def weights_entry(name: str) -> WeightsEntry:
 def default_weights_path(name: str, weights_dir: str | Path = DEFAULT_WEIGHTS_DIR) -> Path:
     """Where ``build_teacher`` looks for teacher ``name``'s checkpoint: ``<weights_dir>/<file>``."""
     return Path(weights_dir) / weights_entry(name).file_name
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 hex digest of a file, read in 1 MiB chunks (constant memory)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(CHUNK_BYTES), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------- download
