@@ -14,7 +14,7 @@ import logging
 import math
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -339,12 +339,3 @@ class CocoDataset(ImageDataset):
         self.category_ids: list[int] = list(category_ids)
         self.annotation_file = annotation_file
         self.image_dir = folder
-
-
-def category_names(annotation_file: str | Path) -> Sequence[str]:
-    """Class names of a COCO annotation file, in label order."""
-    data = json.loads(Path(annotation_file).read_text(encoding="utf-8"))
-    return [
-        str(category.get("name"))
-        for category in sorted(data.get("categories") or [], key=lambda category: category["id"])
-    ]

@@ -18,7 +18,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import yaml
@@ -309,8 +309,3 @@ class YoloDataset(ImageDataset):
         super().__init__(records, data["names"], problems=problems, **kwargs)
         self.data_yaml = data_yaml
         self.split = split
-
-
-def names_from_yaml(data_yaml: str | Path) -> Sequence[str]:
-    """Class names of a data yaml."""
-    return read_data_yaml(data_yaml)["names"]
