@@ -20,6 +20,8 @@ def run(args, cwd, **env):
     )
 
 
+# Two `python -m vfmkd` processes: the import alone takes seconds.
+@pytest.mark.slow
 def test_python_m_vfmkd_data_synth_and_check(tmp_path):
     result = run(["-m", "vfmkd", "data", "synth", "shapes", "--train", "4", "--val", "2", "--seed", "3"], tmp_path)
     assert result.returncode == 0, result.stderr

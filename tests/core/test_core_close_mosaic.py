@@ -1,8 +1,11 @@
+import pytest
+
 from vfmkd.config import validate_config
 from vfmkd.core.trainer import Trainer
 from vfmkd.datasets.synthetic import generate_synthetic_dataset
 
 
+@pytest.mark.slow
 def test_mosaic_closes_for_the_last_epochs(tmp_path, monkeypatch):
     monkeypatch.setenv("VFMKD_CACHE_DIR", str(tmp_path / "cache"))
     data_yaml = generate_synthetic_dataset(tmp_path / "shapes", num_train=4, num_val=2, seed=1)

@@ -115,6 +115,7 @@ def test_first_epoch_fills_an_empty_store_and_the_next_reads_it(shapes):
     extract_features(_teacher(), dataset, store_path, num_workers=0, progress=False, split="train")
 
 
+@pytest.mark.slow
 def test_a_partial_store_is_completed_and_its_shards_kept(shapes, tmp_path):
     root, data_yaml, dataset = shapes
     store_path = tmp_path / "partial"

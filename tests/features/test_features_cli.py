@@ -111,6 +111,7 @@ def test_commands_plug_into_the_vfmkd_parser(tmp_path, capsys):
     assert "not a vfmkd feature store manifest" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_seed_prepare_script_names(image_folder, tmp_path):
     out = tmp_path / "teacher_features" / "toy"
     assert seed_prepare_main(["--teacher", "toy_pool", "--random-init", "--dataset", str(image_folder),
