@@ -294,14 +294,14 @@ def test_ground_truth_holds_every_object_in_original_pixels(
         {"id": case.category_ids[class_name], "name": class_name} for class_name in dataset.names
     ]
     assert [image["id"] for image in ground_truth["images"]] == list(range(len(dataset)))
-    by_name = {category["id"]: category["name"] for category in ground_truth["categories"]}
+    name_of_id = {category["id"]: category["name"] for category in ground_truth["categories"]}
     for image, sample_id in zip(ground_truth["images"], dataset.ids):
         truth = synthetic_truth["val"][sample_id]
         assert Path(image["file_name"]).stem == sample_id
         assert (image["height"], image["width"]) == truth["size"]
         annotations = [a for a in ground_truth["annotations"] if a["image_id"] == image["id"]]
         expected_boxes, expected_names = _expected_targets(dataset, truth)
-        assert [by_name[a["category_id"]] for a in annotations] == expected_names
+        assert [name_of_id[a["category_id"]] for a in annotations] == expected_names
         assert all(a["iscrowd"] == 0 and a["area"] > 0 for a in annotations)
         xywh = np.array([a["bbox"] for a in annotations]).reshape(-1, 4)
         np.testing.assert_allclose(xywh[:, :2], expected_boxes[:, :2], atol=BOX_TOLERANCE)
