@@ -6,6 +6,7 @@ Sub-commands::
     vfmkd data check DATA
     vfmkd weights list | download NAME [--dir weights] [--url URL]
     vfmkd features extract --teacher NAME (--weights PATH | --random-init) --data DATA --out DIR
+    vfmkd features extract --config CFG --teacher KEY
     vfmkd features info DIR | verify DIR [--num N]
     vfmkd train --config CFG [--set key=value ...] [--resume]
     vfmkd eval --config CFG --checkpoint CKPT [--set key=value ...]
@@ -219,33 +220,31 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     _say(f"demo: {args.config}")
     for key, teacher in config.teachers.items():
         if teacher.enabled and teacher.offline and teacher.feature_path:
-            prepare_teacher_store(key, teacher, config)
+            prepare_teacher_store(key, config, args.config)
     return run_training(config)
 
 
-def prepare_teacher_store(key: str, teacher, config) -> None:
-    """Extract (or finish extracting) a configured teacher's store for the training split."""
-    from vfmkd.features.cli import main as features_main
+def prepare_teacher_store(key: str, config: Any, config_file: str) -> None:
+    """Extract (or finish extracting) the store of ``teachers.<key>`` for the training split.
 
-    argv = ["features", "extract", "--teacher", teacher.name or key, "--data", config.data.dataset,
-            "--split", config.data.train_split, "--out", teacher.feature_path, "--no-progress"]
-    if teacher.model_path and Path(teacher.model_path).is_file():
-        argv += ["--weights", teacher.model_path]
-    elif teacher.allow_random_init:
-        argv += ["--random-init", "--seed", str(teacher.random_init_seed)]
+    Args:
+        key: the teacher entry.
+        config: the validated experiment.
+        config_file: its YAML, for the equivalent command line printed for the user.
+    """
+    from vfmkd.features.cli import ExtractionOptions, extract_teacher_entry, format_store_info
+
+    teacher = config.teachers[key]
+    # NOTE: the rule of build_teacher_from_config, said loudly before minutes of extraction.
+    if teacher.allow_random_init and not (teacher.model_path and Path(teacher.model_path).is_file()):
         _say(
             "\n" + "!" * 78 + f"\n!! teacher '{key}' has RANDOM weights: {teacher.model_path} is missing, so its "
             "features\n!! mean nothing; this run only shows the flow works. For real distillation:\n"
             f"!!   vfmkd weights download {teacher.name or key}\n" + "!" * 78 + "\n"
         )
-    if teacher.image_size:
-        argv += ["--image-size", str(teacher.image_size)]
-    if teacher.features:
-        argv += ["--features", ",".join(teacher.features)]
-    _say(f"teacher features: vfmkd {' '.join(argv)}")
-    code = features_main(argv)
-    if code:
-        raise SystemExit(code)
+    _say(f"teacher features: vfmkd features extract --config {config_file} --teacher {key} --no-progress")
+    store = extract_teacher_entry(config, key, options=ExtractionOptions(progress=False))
+    _say(format_store_info(store))
 
 
 def _say(text: str) -> None:

@@ -6,13 +6,16 @@
         [--split train] [--dtype float16|bfloat16|float32|int8] [--features embed,...]
         [--image-size N] [--batch-size B] [--limit N] [--num-workers N] [--device auto]
         [--seed S] [--shard-size N] [--verify-existing] [--no-progress]
+    vfmkd features extract --config EXPERIMENT --teacher KEY [--split S] [--data DATA] [--out DIR] ...
     vfmkd features info DIR
     vfmkd features verify DIR [--num N] [--weights PATH] [--device auto]
 
 ``extract`` resumes when DIR exists (re-run the same command after an interruption);
 under ``torchrun`` every rank computes its share. ``--teacher`` also accepts the name of
 a shipped teacher config (``sam2`` -> ``configs/teachers/sam2.yaml``), whose name, weights
-path, features and image size are the defaults. The seed's
+path, features and image size are the defaults. With ``--config``, ``--teacher`` is a key
+of the experiment's ``teachers`` and the store is the one training reads
+(:func:`extract_teacher_entry`, also what ``vfmkd demo`` runs). The seed's
 ``tools/prepare_teacher_features.py --teacher sam2 --dataset coco128 --output DIR`` takes
 the same options (``--dataset`` = ``--data``, ``--output`` = ``--out``).
 """
@@ -28,16 +31,20 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from vfmkd.config import load_teacher_config
+from vfmkd.config import ConfigError, ExperimentConfig, TeacherConfig, load_config, load_teacher_config
 from vfmkd.errors import run_with_user_errors
 from vfmkd.features.codecs import CODEC_NAMES
 from vfmkd.features.format import FeatureStoreError, StoreMismatchError, describe_differences
 from vfmkd.features.store import FeatureStore
+from vfmkd.teachers import build_teacher_from_config
+from vfmkd.utils.distributed import resolve_device
 
 __all__ = [
+    "ExtractionOptions",
     "TeacherSettings",
     "add_extract_arguments",
     "add_features_commands",
+    "extract_teacher_entry",
     "format_store_info",
     "load_teacher",
     "main",
@@ -128,21 +135,148 @@ def teacher_settings(
     )
 
 
+# --------------------------------------------------------------------------- extraction
+@dataclass(frozen=True)
+class ExtractionOptions:
+    """How an extraction runs: the ``features extract`` options that pick neither teacher nor data.
+
+    Attributes:
+        dtype: storage codec (``float16``, ``bfloat16``, ``float32``, ``int8``).
+        batch_size: images per teacher forward.
+        num_workers: loader processes.
+        limit: only the first N samples of the split (None: all).
+        shard_size: samples per shard (None: about 256 MB).
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``.
+        progress: show a progress bar.
+        verify_existing: hash every committed shard before resuming.
+    """
+
+    dtype: str = "float16"
+    batch_size: int = 8
+    num_workers: int = 2
+    limit: int | None = None
+    shard_size: int | None = None
+    device: str = "auto"
+    progress: bool = True
+    verify_existing: bool = False
+
+
+def extract_teacher_entry(
+    config: ExperimentConfig,
+    key: str,
+    *,
+    split: str | None = None,
+    data: str | None = None,
+    out: str | Path | None = None,
+    options: ExtractionOptions = ExtractionOptions(),
+) -> FeatureStore:
+    """Fill (or finish) the store of an experiment's ``teachers.<key>`` entry, as training will read it.
+
+    The teacher is the entry's (:func:`vfmkd.teachers.build_teacher_from_config`: its
+    ``model_path``, or seeded random weights under ``allow_random_init``, its
+    ``features`` and ``image_size``), so the store matches what the planner expects.
+
+    Args:
+        config: the validated experiment.
+        key: the entry's key in ``config.teachers``.
+        split: the split to extract (default ``data.train_split``).
+        data: the data set (default ``data.dataset``, with ``data.images``).
+        out: the store (default the entry's ``feature_path``, or ``val_feature_path`` for
+            ``data.val_split``).
+        options: how to run it.
+
+    Returns:
+        The store, opened.
+
+    Raises:
+        ConfigError: no such entry, or no store path for the split.
+    """
+    if key not in config.teachers:
+        raise ConfigError(f"teachers.{key}: no such entry (entries: {', '.join(config.teachers) or 'none'})")
+    teacher_config = config.teachers[key]
+    split = split or config.data.train_split
+    out = out or _store_path(key, teacher_config, split, config)
+    data_config = {"dataset": data} if data else {"dataset": config.data.dataset, "images": config.data.images}
+    teacher = build_teacher_from_config(key, teacher_config, device=resolve_device(options.device))
+    model_path = teacher_config.model_path
+    build_args = {
+        "teacher": teacher_config.name or key,
+        "weights": None if teacher.random_init or not model_path else str(Path(model_path).expanduser().resolve()),
+        "random_init": bool(teacher.random_init),
+        "seed": teacher_config.random_init_seed if teacher.random_init else 0,
+        "features": list(teacher_config.features) if teacher_config.features else None,
+        "image_size": teacher_config.image_size or None,
+    }
+    return _extract(teacher, build_args, data_config, split, out, options)
+
+
+def _store_path(key: str, teacher: TeacherConfig, split: str, config: ExperimentConfig) -> str:
+    """The entry's store of ``split``: ``feature_path`` (training split) or ``val_feature_path``."""
+    if split == config.data.train_split and teacher.feature_path:
+        return teacher.feature_path
+    if split == config.data.val_split and teacher.val_feature_path:
+        return teacher.val_feature_path
+    raise ConfigError(
+        f"teachers.{key}: no store for split '{split}' ('feature_path' holds split "
+        f"'{config.data.train_split}', 'val_feature_path' split '{config.data.val_split}'); set it, or pass --out DIR"
+    )
+
+
+def _extract(
+    teacher: Any,
+    build_args: dict[str, Any],
+    data_config: dict[str, Any],
+    split: str,
+    out: str | Path,
+    options: ExtractionOptions,
+) -> FeatureStore:
+    """Run ``teacher`` over ``split`` of the data set into the store ``out``; ``build_args`` rebuild it."""
+    from vfmkd.datasets import build_dataset, resolve_dataset
+    from vfmkd.features.extract import extract_features
+
+    dataset = build_dataset({**data_config, "img_size": DATASET_IMAGE_SIZE}, split, train=False)
+    return extract_features(
+        teacher,
+        dataset,
+        out,
+        dtype=options.dtype,
+        batch_size=options.batch_size,
+        num_workers=options.num_workers,
+        limit=options.limit,
+        shard_size=options.shard_size,
+        device=resolve_device(options.device),
+        progress=options.progress,
+        data_source=data_config["dataset"],
+        data_resolved=str(resolve_dataset(data_config["dataset"]).source.resolve()),
+        split=split,
+        build_args=build_args,
+        verify_existing=options.verify_existing,
+    )
+
+
 # --------------------------------------------------------------------------- arguments
 def add_extract_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of ``features extract`` (also the seed's ``prepare_teacher_features.py``)."""
-    parser.add_argument("--teacher", required=True, help="teacher name (sam2.1_hiera_t, dinov2_vits14, sam2, ...)")
+    parser.add_argument(
+        "--teacher", required=True,
+        help="teacher name (sam2.1_hiera_t, dinov2_vits14, sam2, ...); with --config, a key of its 'teachers'",
+    )
+    parser.add_argument(
+        "--config", help="experiment YAML: the teacher entry, data set and store path that training uses"
+    )
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--weights", help="official checkpoint file (default: the teacher's usual location)")
     source.add_argument(
         "--random-init", action="store_true", help="no weights: the official architecture at random init (tests)"
     )
     parser.add_argument(
-        "--data", "--dataset", dest="data", required=True,
-        help="data set: shapes, coco128, a data yaml, a COCO json or an image folder",
+        "--data", "--dataset", dest="data",
+        help="data set: shapes, coco128, a data yaml, a COCO json or an image folder (default: the config's)",
     )
-    parser.add_argument("--split", default="train", help="split (default train)")
-    parser.add_argument("--out", "--output", dest="out", required=True, help="store directory")
+    parser.add_argument("--split", help="split (default train; with --config its data.train_split)")
+    parser.add_argument(
+        "--out", "--output", dest="out", help="store directory (default: the config entry's feature_path)"
+    )
     parser.add_argument("--dtype", default="float16", choices=CODEC_NAMES, help="storage codec (default float16)")
     parser.add_argument("--features", type=_comma_list, help="features to store, e.g. embed,hires_s8 (default all)")
     parser.add_argument("--image-size", type=int, help="teacher input size (default: the teacher's)")
@@ -208,55 +342,78 @@ def _build_teacher(settings: TeacherSettings, *, random_init: bool, seed: int, d
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
-    from vfmkd.datasets import build_dataset, resolve_dataset
-    from vfmkd.features.extract import extract_features
-    from vfmkd.utils.distributed import cleanup, init_distributed, resolve_device
+    from vfmkd.utils.distributed import cleanup, init_distributed
 
     info = init_distributed()
     if info.rank != 0:
         # Under torchrun only rank 0 reports progress; the others speak up on problems.
         logging.getLogger("vfmkd").setLevel(logging.WARNING)
+    options = ExtractionOptions(
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        limit=args.limit,
+        shard_size=args.shard_size,
+        device=args.device,
+        progress=not args.no_progress,
+        verify_existing=args.verify_existing,
+    )
     try:
-        device = resolve_device(args.device)
-        settings = teacher_settings(
-            args.teacher,
-            weights=args.weights,
-            random_init=args.random_init,
-            features=args.features,
-            image_size=args.image_size,
-        )
-        teacher = _build_teacher(settings, random_init=args.random_init, seed=args.seed, device=str(device))
-        spec = resolve_dataset(args.data)
-        dataset = build_dataset({"dataset": args.data, "img_size": DATASET_IMAGE_SIZE}, args.split, train=False)
-        store = extract_features(
-            teacher,
-            dataset,
-            args.out,
-            dtype=args.dtype,
-            batch_size=args.batch_size,
-            num_workers=args.num_workers,
-            limit=args.limit,
-            shard_size=args.shard_size,
-            device=device,
-            progress=not args.no_progress,
-            data_source=args.data,
-            data_resolved=str(spec.source.resolve()),
-            split=args.split,
-            build_args={
-                "teacher": settings.name,
-                "weights": settings.weights,
-                "random_init": bool(args.random_init),
-                "seed": args.seed,
-                "features": settings.features,
-                "image_size": settings.image_size,
-            },
-            verify_existing=args.verify_existing,
-        )
+        if args.config:
+            store = extract_teacher_entry(
+                _experiment_for_extraction(args), args.teacher, split=args.split, data=args.data, out=args.out,
+                options=options,
+            )
+        else:
+            store = _extract_named_teacher(args, options)
     finally:
         cleanup()
     if info.rank == 0:
         _say(format_store_info(store))
     return 0
+
+
+def _experiment_for_extraction(args: argparse.Namespace) -> ExperimentConfig:
+    """The ``--config`` experiment; the teacher options it sets itself are refused on the command line."""
+    given = [
+        flag
+        for flag, value in (("--weights", args.weights), ("--random-init", args.random_init),
+                            ("--features", args.features), ("--image-size", args.image_size))
+        if value
+    ]
+    if given:
+        raise ConfigError(
+            f"features extract --config: {', '.join(given)} would contradict teachers.{args.teacher} in "
+            f"{args.config}; set model_path, allow_random_init, features or image_size there"
+        )
+    return load_config(args.config)
+
+
+def _extract_named_teacher(args: argparse.Namespace, options: ExtractionOptions) -> FeatureStore:
+    """``--teacher NAME --data DATA --out DIR``: a teacher named on the command line."""
+    if not args.data or not args.out:
+        raise ConfigError(
+            "features extract: --data and --out are needed (or --config EXPERIMENT, whose data set and "
+            "teachers.<key>.feature_path are the defaults)"
+        )
+    settings = teacher_settings(
+        args.teacher,
+        weights=args.weights,
+        random_init=args.random_init,
+        features=args.features,
+        image_size=args.image_size,
+    )
+    device = resolve_device(options.device)
+    teacher = _build_teacher(settings, random_init=args.random_init, seed=args.seed, device=str(device))
+    build_args = {
+        "teacher": settings.name,
+        "weights": settings.weights,
+        "random_init": bool(args.random_init),
+        "seed": args.seed,
+        "features": settings.features,
+        "image_size": settings.image_size,
+    }
+    return _extract(teacher, build_args, {"dataset": args.data}, args.split or "train", args.out, options)
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
