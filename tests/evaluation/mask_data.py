@@ -103,6 +103,17 @@ def ground_truth_masks(index: int) -> tuple[np.ndarray, list[int]]:
     return np.stack(masks), labels
 
 
+def ground_truth_boxes(index: int) -> np.ndarray:
+    """``[N, 4]`` xyxy annotation boxes of the objects of image ``index`` that have a mask."""
+    boxes = [
+        [x, y, x + w, y + h]
+        for annotation in MaskDataset().coco_ground_truth()["annotations"]
+        if annotation["image_id"] == index and "segmentation" in annotation
+        for x, y, w, h in [annotation["bbox"]]
+    ]
+    return np.array(boxes, dtype=np.float64)
+
+
 def shift_right(masks: np.ndarray, pixels: int) -> np.ndarray:
     """Masks moved ``pixels`` columns to the right (columns shifted in are empty)."""
     shifted = np.zeros_like(masks)

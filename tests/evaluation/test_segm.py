@@ -27,7 +27,8 @@ def mask_predictions(shift: int = 0) -> list[dict]:
     for index in range(len(MaskDataset())):
         masks, labels = ground_truth_masks(index)
         masks = shift_right(masks, shift)
-        boxes = torch.from_numpy(mask_utils.toBbox(mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))))
+        encoded = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+        boxes = torch.from_numpy(mask_utils.toBbox(encoded))
         boxes[:, 2:] += boxes[:, :2]
         predictions.append(
             {
@@ -56,7 +57,12 @@ def cocoeval_directly(predictions: list[dict]) -> np.ndarray:
         for mask, score, label in zip(prediction["masks"].numpy(), prediction["scores"], prediction["labels"]):
             rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
             results.append(
-                {"image_id": image_id, "category_id": MaskDataset.eval_category_ids[int(label)], "segmentation": rle, "score": float(score)}
+                {
+                    "image_id": image_id,
+                    "category_id": MaskDataset.eval_category_ids[int(label)],
+                    "segmentation": rle,
+                    "score": float(score),
+                }
             )
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO()
@@ -100,7 +106,11 @@ def test_box_only_annotations_are_left_out_with_one_warning(caplog):
 
 
 def test_no_masks_give_zeros():
-    empty = {"masks": torch.zeros(0, 32, 16, dtype=torch.bool), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}
+    empty = {
+        "masks": torch.zeros(0, 32, 16, dtype=torch.bool),
+        "scores": torch.zeros(0),
+        "labels": torch.zeros(0, dtype=torch.long),
+    }
     evaluator = COCOMaskEvaluator(MaskDataset())
     evaluator.add([0], [empty])
     metrics = evaluator.evaluate()
@@ -142,7 +152,13 @@ def test_registered_next_to_box_map_without_metric_clashes():
     evaluators = [EVALUATORS.get(name)(dataset) for name in ("coco_bbox", "coco_segm")]
     assert isinstance(evaluators[1], COCOMaskEvaluator) and isinstance(evaluators[0], COCOBoxEvaluator)
     metrics = run_evaluation(
-        _OracleStudent(mask_predictions(2)), dataset, evaluators, batch_size=2, num_workers=0, device="cpu", collate_fn=collate
+        _OracleStudent(mask_predictions(2)),
+        dataset,
+        evaluators,
+        batch_size=2,
+        num_workers=0,
+        device="cpu",
+        collate_fn=collate,
     )
     assert metrics["mask_mAP"] == pytest.approx(cocoeval_directly(mask_predictions(2))[0], abs=1e-12)
     assert 0.0 < metrics["mAP"] < 1.0

@@ -131,8 +131,9 @@ def test_refinement_point_needs_min_pixels_of_error():
 
 def test_refinement_points_are_deterministic_and_independent_of_batch_mates():
     prediction, target = _prediction_and_target()
-    first = refinement_points(prediction[None].repeat(4, 1, 1), target[None].repeat(4, 1, 1), torch.Generator().manual_seed(7))
-    second = refinement_points(prediction[None].repeat(4, 1, 1), target[None].repeat(4, 1, 1), torch.Generator().manual_seed(7))
+    predictions, targets = prediction[None].repeat(4, 1, 1), target[None].repeat(4, 1, 1)
+    first = refinement_points(predictions, targets, torch.Generator().manual_seed(7))
+    second = refinement_points(predictions, targets, torch.Generator().manual_seed(7))
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
     assert len({tuple(point) for point in first[0].tolist()}) > 1  # one draw per mask
     # A mask without enough error still uses its draw: the masks after it keep their clicks.
@@ -172,7 +173,8 @@ def test_logits_to_original_equals_crop_then_resize_for_letterboxes():
         logits = torch.randn(3, *frame.input_size)
         x0, y0, x1, y1 = (int(value) for value in frame.valid)
         expected = F.interpolate(logits[:, None, y0:y1, x0:x1], size=source_size, mode="bilinear", align_corners=False)[:, 0]
-        torch.testing.assert_close(logits_to_original(logits, frame), expected, atol=1e-4, rtol=0)  # float32 sampling coordinates
+        # atol: the sampling coordinates are float32
+        torch.testing.assert_close(logits_to_original(logits, frame), expected, atol=1e-4, rtol=0)
 
 
 def test_masks_to_original_follows_a_flip():

@@ -2,6 +2,7 @@
 
 from vfmkd.evaluation.base import Evaluator, IndexedCollate, IndexedDataset, run_evaluation
 from vfmkd.evaluation.coco import COCOBoxEvaluator, fitness
+from vfmkd.evaluation.miou import PromptMIoUEvaluator
 from vfmkd.evaluation.segm import COCOMaskEvaluator
 
 __all__ = [
@@ -10,6 +11,7 @@ __all__ = [
     "Evaluator",
     "IndexedCollate",
     "IndexedDataset",
+    "PromptMIoUEvaluator",
     "fitness",
     "run_evaluation",
 ]

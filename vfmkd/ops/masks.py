@@ -121,7 +121,8 @@ def refinement_points(
     """
     if predictions.shape != targets.shape or predictions.dim() != 3:
         raise ValueError(
-            f"refinement_points needs aligned [N, H, W] masks, got {tuple(predictions.shape)} and {tuple(targets.shape)}"
+            "refinement_points needs aligned [N, H, W] masks, "
+            f"got {tuple(predictions.shape)} and {tuple(targets.shape)}"
         )
     count, _, width = targets.shape
     draws = torch.rand(count, generator=generator, dtype=torch.float64).tolist()
