@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 def measure_vfmkd(data_yaml: Path, args: argparse.Namespace, amp: bool, out_dir: Path) -> float:
     from vfmkd.config import validate_config
+    from vfmkd.core import EvalHook, build_trainer
     from vfmkd.core.trainer import Trainer
 
     config = validate_config(
@@ -62,9 +63,9 @@ def measure_vfmkd(data_yaml: Path, args: argparse.Namespace, amp: bool, out_dir:
         def after_step(self) -> None:
             self.stamps.append(time.perf_counter())
 
-    trainer = TimedTrainer(config)
+    trainer = build_trainer(config, trainer_class=TimedTrainer)
     trainer.stamps = []
-    trainer.evaluate = lambda: None  # type: ignore[method-assign]
+    trainer.hooks = [hook for hook in trainer.hooks if not isinstance(hook, EvalHook)]
     trainer.train()
     return _images_per_second(trainer.stamps, args)
 

@@ -18,7 +18,7 @@ its own thread and they take turns step by step (``Trainer.after_step`` hands ov
 next row), so a change of machine load hits every row alike. Each row times ``--steps``
 optimizer steps after ``--warmup`` untimed ones, from the end of the previous step (or the
 start of its turn) to ``after_step``, so data waiting counts. Data waiting is what the
-trainer itself measures around ``next(iterator)`` (``_interval_data_time``, logged as
+trainer itself measures around ``next(iterator)`` (``step_data_time``, logged as
 ``data_time_share``); taking turns gives each row's loader workers the other rows' steps
 to prefetch in, so the default is the stricter measure of it. ``teacher targets`` is the
 time in :meth:`TeacherRuntime.teacher_targets` (store maps warped into the student frame, plus
@@ -175,26 +175,23 @@ class Baton:
 def build_trainer(config: Any, name: str, baton: Baton | None) -> Any:
     """A trainer that records, per step: its start and end, its data waiting and the
     teacher-target seconds so far; with a baton it steps only on its turn."""
+    from vfmkd.core import EvalHook, build_trainer as build_config_trainer
     from vfmkd.core.trainer import Trainer
 
     teacher_seconds = [0.0]
 
     class TimedTrainer(Trainer):
         def after_step(self) -> None:
-            # NOTE: _interval_data_time accumulates until the next log line or epoch start.
-            waited = self._interval_data_time
-            step_wait = waited - self.waited if waited >= self.waited else waited
-            self.waited = waited
-            self.stamps.append((self.resumed, time.perf_counter(), step_wait, teacher_seconds[0]))
+            # NOTE: step_data_time is this step's time waiting for batches.
+            self.stamps.append((self.resumed, time.perf_counter(), self.step_data_time, teacher_seconds[0]))
             if baton is not None:
                 baton.pass_on(name)
                 baton.wait(name)
             self.resumed = time.perf_counter()
 
-    trainer = TimedTrainer(config)
+    trainer = build_config_trainer(config, trainer_class=TimedTrainer)
     trainer.stamps = []
-    trainer.waited = 0.0
-    trainer.evaluate = lambda: None  # type: ignore[method-assign]
+    trainer.hooks = [hook for hook in trainer.hooks if not isinstance(hook, EvalHook)]
     distiller = getattr(trainer.model, "distiller", None)
     if distiller is not None:
         runtime = distiller.teachers

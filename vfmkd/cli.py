@@ -63,9 +63,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def run_training(config, *, resume: bool = False) -> int:
     """Train from a validated config and print where the run is."""
-    from vfmkd.core.trainer import Trainer
+    from vfmkd.core.build import build_trainer
 
-    result = Trainer(config, resume=resume).train()
+    result = build_trainer(config, resume=resume).train()
     if result.get("is_main", True):
         _print_result(result)
     return 0
@@ -149,61 +149,55 @@ def seed_train_main(argv: Sequence[str] | None = None) -> int:
     return run_with_user_errors(action)
 
 
-def _checkpoint_fidelity(config: Any, checkpoint: str, model: Any, dataset: Any, batch_size: int, device: Any) -> dict:
-    """Feature fidelity through the checkpoint's own adapters; {} (with the reason) when it cannot be measured."""
+def _checkpoint_distiller(config: Any, checkpoint: dict, model: Any) -> Any:
+    """The checkpoint's own adapters for feature fidelity; None (with the reason) when it cannot be measured."""
     from vfmkd.config import ConfigError
     from vfmkd.core.checkpoint import load_distiller_from_checkpoint
-    from vfmkd.distillation.fidelity import feature_fidelity
     from vfmkd.features.format import FeatureStoreError
 
     try:
-        distiller = load_distiller_from_checkpoint(config, checkpoint, model)
-        if distiller is None:
-            return {}
-        return feature_fidelity(
-            model, distiller.to(device), dataset, batch_size=batch_size, num_workers=config.data.num_workers,
-            device=device,
-        )
+        return load_distiller_from_checkpoint(config, checkpoint, model)
     except (ConfigError, FeatureStoreError, FileNotFoundError) as error:
         # NOTE: e.g. the training store (the teacher's feature shapes) or the teacher's weights
         # are not on this machine; the mAP is still worth reporting.
         logger.warning("feature fidelity skipped: %s", error)
-        return {}
+        return None
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    import torch
-
-    from vfmkd.core.checkpoint import load_model_from_checkpoint
-    from vfmkd.core.evaluator import evaluate_model
+    from vfmkd.core.build import build_evaluators
+    from vfmkd.core.checkpoint import load_checkpoint, load_model_from_checkpoint
     from vfmkd.datasets import build_dataset
+    from vfmkd.distillation.distiller import DistilledModel
+    from vfmkd.evaluation import run_evaluation
+    from vfmkd.utils.distributed import resolve_device
 
     config = _load_config(args)
-    device = torch.device(
-        "cuda" if config.train.device == "auto" and torch.cuda.is_available() else
-        ("cpu" if config.train.device == "auto" else config.train.device)
-    )
-    model = load_model_from_checkpoint(args.checkpoint, device)
+    device = resolve_device(config.train.device)
+    checkpoint = load_checkpoint(args.checkpoint)
+    model = load_model_from_checkpoint(checkpoint, device)
     dataset = build_dataset(config.data, config.data.val_split, train=False)
-    batch_size = config.eval.batch_size or config.data.batch_size
-    fidelity: dict[str, float] = {}
-    if not args.no_fidelity:
-        # NOTE: first, so that adapters that do not fit the config fail before the mAP pass.
-        fidelity = _checkpoint_fidelity(config, args.checkpoint, model, dataset, batch_size, device)
-    metrics: dict = {}
-    if getattr(dataset, "has_labels", True):
-        metrics = evaluate_model(
-            model,
-            dataset,
-            batch_size=batch_size,
-            num_workers=config.data.num_workers,
-            device=device,
-            amp=config.train.amp,
-            eval_cfg=config.eval,
-        )
-    else:
+    # NOTE: the distiller first, so that adapters that do not fit the config fail before the pass.
+    distiller = None if args.no_fidelity else _checkpoint_distiller(config, checkpoint, model)
+    evaluated = DistilledModel(model, distiller.to(device) if distiller is not None else None)
+    evaluators = build_evaluators(model, dataset, distiller)
+    if not getattr(dataset, "has_labels", True):
         _say(f"{config.data.dataset}: no labels, so no mAP; feature fidelity only")
-    metrics.update(fidelity)
+    metrics = run_evaluation(
+        evaluated,
+        dataset,
+        evaluators,
+        batch_size=config.eval.batch_size or config.data.batch_size,
+        num_workers=config.data.num_workers,
+        device=device,
+        amp=config.train.amp,
+        amp_dtype=config.train.amp_dtype,
+        predict_options={
+            "conf_threshold": config.eval.conf_threshold,
+            "iou_threshold": config.eval.iou_threshold,
+            "max_det": config.eval.max_det,
+        },
+    )
     _say(json.dumps({k: v for k, v in metrics.items() if k != "per_class"}, indent=2))
     per_class = metrics.get("per_class") or {}
     if per_class:

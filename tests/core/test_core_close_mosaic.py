@@ -1,6 +1,7 @@
 import pytest
 
 from vfmkd.config import validate_config
+from vfmkd.core.build import build_trainer
 from vfmkd.core.trainer import Trainer
 from vfmkd.datasets.synthetic import generate_synthetic_dataset
 
@@ -24,5 +25,5 @@ def test_mosaic_closes_for_the_last_epochs(tmp_path, monkeypatch):
             seen.append((self.epoch, self.train_dataset.transform.settings["mosaic"]))
 
     seen: list[tuple[int, float]] = []
-    Recording(config).train()
+    build_trainer(config, trainer_class=Recording).train()
     assert seen == [(0, 1.0), (1, 1.0), (2, 0.0), (3, 0.0)]

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from vfmkd.config import validate_config
-from vfmkd.core import Trainer, evaluate_model
+from vfmkd.core import build_trainer
+from vfmkd.evaluation import COCOBoxEvaluator, run_evaluation
 from vfmkd.core.checkpoint import load_checkpoint, load_model_from_checkpoint
 
 datasets = pytest.importorskip("vfmkd.datasets")
@@ -33,7 +34,7 @@ def test_yolov8n_trains_evaluates_and_resumes_on_synthetic_data(tmp_path):
             }
         )
 
-    result = Trainer(config(2)).train()
+    result = build_trainer(config(2)).train()
     assert result["step"] == 2 and not result["interrupted"]
     metrics = result["metrics"]
     assert set(metrics["per_class"]) == set(names)
@@ -44,18 +45,21 @@ def test_yolov8n_trains_evaluates_and_resumes_on_synthetic_data(tmp_path):
     # the EMA weights in best.pt reproduce the run's evaluation
     model = load_model_from_checkpoint(result["best"], "cpu")
     run_config = config(2)
-    again = evaluate_model(
+    val_dataset = datasets.build_dataset(run_config.data, "val", train=False)
+    again = run_evaluation(
         model,
-        datasets.build_dataset(run_config.data, "val", train=False),
+        val_dataset,
+        [COCOBoxEvaluator(val_dataset)],
         batch_size=4,
         num_workers=0,
         device="cpu",
         amp=run_config.train.amp,
-        eval_cfg=run_config.eval,
+        predict_options={"conf_threshold": run_config.eval.conf_threshold, "iou_threshold": run_config.eval.iou_threshold,
+                         "max_det": run_config.eval.max_det},
     )
     assert again["mAP"] == pytest.approx(metrics["mAP"], abs=1e-6)
 
-    resumed = Trainer(config(3), resume=True)
+    resumed = build_trainer(config(3), resume=True)
     assert resumed.step == 2
     assert resumed.train()["step"] == 3
     assert torch.isfinite(torch.stack([p.detach().float().sum() for p in resumed.model.parameters()])).all()

@@ -10,9 +10,10 @@ import yaml
 from torch import nn
 
 from vfmkd.config import validate_config
-from vfmkd.core import Trainer
+from vfmkd.core import Trainer, build_trainer
 from vfmkd.core.checkpoint import load_checkpoint
-from vfmkd.core.trainer import ResumableSampler, SeededDataset, TrainingDivergedError
+from vfmkd.core.loader import ResumableSampler, SeededDataset
+from vfmkd.core.trainer import TrainingDivergedError
 from vfmkd.distillation.distiller import DistilledModel, task_loss_weights
 from vfmkd.geometry import Frame
 
@@ -33,16 +34,20 @@ class TinyDetector(nn.Module):
         features = self.stem(images)
         return {"features": {"p3": features}, "detection": [self.head(features)]}
 
-    def loss(self, outputs: dict, targets: dict) -> dict:
+    def loss(self, outputs: dict, targets: dict, weights: dict | None = None) -> dict:
         prediction = outputs["detection"][0].float()
         box_target = targets["boxes"].mean() / SIZE
+        weight = (weights or {}).get("detection", 1.0)
         return {
-            "det/box": (prediction[:, :4].mean() - box_target) ** 2,
-            "det/cls": prediction[:, 4:].pow(2).mean(),
-            "det/dfl": prediction.abs().mean() * 0.1,
+            "det/box": weight * (prediction[:, :4].mean() - box_target) ** 2,
+            "det/cls": weight * prediction[:, 4:].pow(2).mean(),
+            "det/dfl": weight * prediction.abs().mean() * 0.1,
         }
 
-    def predict(self, outputs: dict, *, conf_threshold: float, iou_threshold: float, max_det: int) -> list[dict]:
+    def evaluator_names(self) -> list[str]:
+        return ["coco_bbox"]
+
+    def predict(self, outputs: dict, batch=None, *, conf_threshold: float, iou_threshold: float, max_det: int) -> list[dict]:
         batch_size = outputs["detection"][0].shape[0]
         box = torch.tensor([[4.0, 4.0, 20.0, 20.0]])
         return [
@@ -114,13 +119,14 @@ def make_config(tmp_path, name: str = "run", **train):
 
 def make_trainer(config, trainer_class=Trainer, resume: bool = False, **kwargs):
     torch.manual_seed(123)
-    return trainer_class(
+    return build_trainer(
         config,
         model=kwargs.pop("model", None) or TinyDetector(),
         train_dataset=AugmentedDataset(),
         val_dataset=AugmentedDataset(4),
         collate_fn=collate,
         resume=resume,
+        trainer_class=trainer_class,
         **kwargs,
     )
 
@@ -195,6 +201,7 @@ def test_run_outputs_logs_and_checkpoints(tmp_path):
                 "images_per_second", "data_time_share"):
         assert key in first, key
     assert 0.0 <= first["data_time_share"] <= 1.0
+    assert {key for key in first if key.startswith("loss/")} == {"loss/det/box", "loss/det/cls", "loss/det/dfl", "loss/total"}
     eval_records = [r for r in records if r["kind"] == "eval"]
     assert eval_records and {"mAP", "mAP50", "mAP75", "per_class", "fitness"} <= set(eval_records[-1])
     assert list((run_dir / "tb").glob("events.*"))
@@ -211,7 +218,7 @@ def test_detection_weight_scales_task_losses():
     batch = {**batch, "images": batch["images"].float() / 255}
     plain = DistilledModel(model)(batch)
     config = validate_config({"distillation": {"losses": {"detection": {"weight": 5.0}}}})
-    assert task_loss_weights(config) == {"det/": 5.0}
+    assert task_loss_weights(config) == {"detection": 5.0}
     weighted = DistilledModel(model, task_weights=task_loss_weights(config))(batch)
     assert set(plain) == set(weighted) == {"det/box", "det/cls", "det/dfl"}
     for name in plain:

@@ -131,7 +131,7 @@ def test_collate_batches_targets_and_frames(synthetic_project: Path) -> None:
         and batch["targets"]["boxes"].dtype == torch.float32
     )
     assert batch["targets"]["cls"].dtype == torch.int64
-    assert [len(masks) for masks in batch["masks"]] == counts
+    assert [len(masks) for masks in batch["targets"]["masks"]] == counts
     assert [len(frames) for frames in batch["frames"]] == [len(tiles) for tiles in batch["tiles"]]
     assert batch["ids"] == [sample["id"] for sample in samples] and len(batch["orig_sizes"]) == 4
 

@@ -50,6 +50,7 @@ from torch import nn
 
 from tests.helpers.covariant_teacher import CovariantTeacher  # noqa: F401  (registers covariant_probe)
 from vfmkd.config import validate_config
+from vfmkd.core.build import build_trainer
 from vfmkd.core.trainer import Trainer
 from vfmkd.datasets import build_dataset
 from vfmkd.distillation.sources import OFFLINE_KEY
@@ -140,7 +141,7 @@ def _group_norm_student(config) -> nn.Module:
 def _train(root: Path, name: str, batch_size: int, labelled: bool) -> dict:
     torch.manual_seed(0)
     config = _config(root, name, batch_size, labelled)
-    trainer = _Trainer(config, model=_group_norm_student(config))
+    trainer = build_trainer(config, model=_group_norm_student(config), trainer_class=_Trainer)
     initial = {key: value.clone() for key, value in trainer.model.state_dict().items()}
     served = {"offline": 0, "online": 0}
     targets = trainer.model.distiller.teachers.teacher_targets
@@ -229,7 +230,7 @@ def _write_back_worker(rank: int, root: str, port: int) -> None:
     config = _config(Path(root), "write_back", PER_RANK_BATCH, labelled=True)
     config.teachers["probe"].write_back = True
     config.train.epochs = 1
-    _Trainer(config).train()
+    build_trainer(config, trainer_class=_Trainer).train()
 
 
 @pytest.mark.slow

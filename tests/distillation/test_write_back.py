@@ -10,6 +10,7 @@ import torch
 
 from tests.helpers.covariant_teacher import CovariantTeacher  # noqa: F401  (registers covariant_probe)
 from vfmkd.config import ConfigError, validate_config
+from vfmkd.core.build import build_trainer
 from vfmkd.core.trainer import Trainer
 from vfmkd.datasets import build_dataset
 from vfmkd.distillation.sources import OFFLINE_KEY
@@ -95,7 +96,7 @@ def test_first_epoch_fills_an_empty_store_and_the_next_reads_it(shapes):
     root, data_yaml, dataset = shapes
     store_path = root / "filled"
     # one persistent worker: it reopens the store when the second epoch starts
-    trainer = _Trainer(_config(root, data_yaml, store_path, "fill", epochs=2, num_workers=1))
+    trainer = build_trainer(_config(root, data_yaml, store_path, "fill", epochs=2, num_workers=1), trainer_class=_Trainer)
     assert FeatureStore.open(store_path).ids == []  # created empty, from the teacher
     offline_rows: list[int] = []
     targets = trainer.model.distiller.teachers.teacher_targets
@@ -124,7 +125,7 @@ def test_a_partial_store_is_completed_and_its_shards_kept(shapes, tmp_path):
     extracted = (store_path / "shards" / "rank0-000000.json").read_text()
     config = _config(root, data_yaml, store_path, "complete")
     config.train.output_dir = str(tmp_path / "runs")
-    _Trainer(config).train()
+    build_trainer(config, trainer_class=_Trainer).train()
     records = _assert_same_as_extraction(store_path, root / "reference", dataset.ids)
     assert (store_path / "shards" / "rank0-000000.json").read_text() == extracted
     assert [record["name"] for record in records][0] == "rank0-000000" and len(records) >= 2
@@ -136,7 +137,7 @@ def test_a_store_another_writer_holds_is_refused(shapes, tmp_path):
     config = _config(root, data_yaml, store_path, "locked")
     with StoreLock(store_path):
         with pytest.raises(ConfigError, match=r"teachers\.probe\.write_back: another extraction is writing"):
-            Trainer(config)
+            build_trainer(config)
     config.teachers["probe"].feature_path = None
     with pytest.raises(ConfigError, match=r"teachers\.probe\.write_back: .*needs 'feature_path'"):
-        Trainer(config)
+        build_trainer(config)

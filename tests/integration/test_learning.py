@@ -3,6 +3,7 @@
 import pytest
 
 from vfmkd.config import validate_config
+from vfmkd.core.build import build_trainer
 from vfmkd.core.trainer import Trainer
 from vfmkd.datasets.synthetic import generate_synthetic_dataset
 
@@ -25,6 +26,6 @@ def test_yolov8n_learns_eight_builtin_images(tmp_path, monkeypatch):
                       "output_dir": str(tmp_path / "runs"), "seed": 0},
         }
     )
-    result = Trainer(config).train()
+    result = build_trainer(config).train()
     assert result["step"] == 250
     assert result["metrics"]["mAP50"] >= 0.5, result["metrics"]

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from vfmkd.config import load_config
+from vfmkd.core.build import build_trainer
 from vfmkd.core.trainer import Trainer
 from vfmkd.datasets import build_dataset
 from vfmkd.features.extract import extract_features
@@ -53,7 +54,7 @@ def test_family_config_trains_with_sam2_distillation(sam2_store, family, monkeyp
             f"train.output_dir={root / 'runs'}",
         ],
     )
-    result = Trainer(config).train()
+    result = build_trainer(config).train()
     assert result["step"] == 2
     log = (Path(result["run_dir"]) / "metrics.jsonl").read_text()
     assert "distill/sam2/embed<-p4" in log and "det/box" in log

@@ -35,7 +35,13 @@ def test_forward_loss_predict_interfaces() -> None:
     assert isinstance(model.heads, nn.ModuleDict)
     assert model.strides == {"p3": 8, "p4": 16, "p5": 32}
     outputs = model(torch.rand(2, 3, 64, 64))
-    assert set(outputs) == {"features", "detection"}
+    assert set(outputs) == {"features", "maps", "detection"}
+    assert model.map_strides == {
+        "p3": 8, "p4": 16, "p5": 32, "backbone.p3": 8, "backbone.p4": 16, "backbone.p5": 32
+    }
+    assert model.map_dims["backbone.p5"] == 256 and model.map_dims["p3"] == 64
+    assert {k: v.shape[1] for k, v in outputs["maps"].items()} == model.map_dims
+    assert outputs["maps"]["p4"] is outputs["features"]["p4"]
     assert {k: tuple(v.shape) for k, v in outputs["features"].items()} == {
         "p3": (2, 64, 8, 8),
         "p4": (2, 128, 4, 4),
@@ -47,7 +53,10 @@ def test_forward_loss_predict_interfaces() -> None:
         "cls": torch.tensor([3]),
         "boxes": torch.tensor([[4.0, 4.0, 40.0, 36.0]]),
     }
-    assert set(model.loss(outputs, targets)) == {"det/box", "det/cls", "det/dfl"}
+    losses = model.loss(outputs, targets)
+    assert set(losses) == {"det/box", "det/cls", "det/dfl"}
+    weighted = model.loss(outputs, targets, weights={"detection": 3.0})
+    assert all(torch.allclose(weighted[k], 3.0 * losses[k]) for k in losses)
     predictions = model.eval().predict(model(torch.rand(2, 3, 64, 64)), conf_threshold=0.0)
     assert len(predictions) == 2 and set(predictions[0]) == {"boxes", "scores", "labels"}
     assert len(predictions[0]["boxes"]) <= 300
@@ -105,7 +114,7 @@ def test_weights_round_trip_and_strict_errors(tmp_path: Path) -> None:
 
     partial = {k: v for k, v in source.state_dict().items() if not k.startswith("neck.")}
     torch.save(partial, path)
-    with pytest.raises(ValueError, match="missing: neck\\."):
+    with pytest.raises(ValueError, match=r"\d+ missing keys: neck\."):
         build_model({**_config(num_classes=3), "weights": str(path)})
 
 
@@ -137,3 +146,23 @@ def test_yolov8n_overfits_a_tiny_batch() -> None:
         optimizer.step()
         totals.append(total.item())
     assert totals[-1] < 0.8 * totals[0], totals
+
+
+def test_predict_with_a_batch_maps_boxes_to_the_original_image() -> None:
+    from vfmkd.geometry import Frame
+
+    torch.manual_seed(0)
+    model = build_model(_config(num_classes=3)).eval()
+    outputs = model(torch.rand(1, 3, 64, 64))
+    in_input = model.predict(outputs, conf_threshold=0.0, max_det=20)[0]
+    # the original image is 128 x 256 (H x W), scaled by 1/4 and padded by 16 rows at the top
+    frame = Frame([[0.25, 0.0, 0.0], [0.0, 0.25, 16.0]], (64, 64), (0.0, 16.0, 64.0, 48.0), (128, 256))
+    original = model.predict(outputs, {"frames": [[frame]]}, conf_threshold=0.0, max_det=20)[0]
+    assert original["boxes"].dtype == torch.float64
+    expected = in_input["boxes"].double().clone()
+    expected[:, [1, 3]] -= 16.0
+    expected = (expected * 4.0)
+    expected[:, [0, 2]] = expected[:, [0, 2]].clamp(0, 256)
+    expected[:, [1, 3]] = expected[:, [1, 3]].clamp(0, 128)
+    assert torch.allclose(original["boxes"], expected, atol=1e-4)
+    assert torch.equal(original["scores"], in_input["scores"])

@@ -36,7 +36,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from vfmkd.distillation.distiller import build_distiller
 from vfmkd.errors import UserError
+from vfmkd.models import build_model
 from vfmkd.utils.distributed import unwrap_model
 from vfmkd.utils.io import atomic_torch_save
 from vfmkd.utils.state_dict import state_dict_problems
@@ -307,19 +309,18 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return checkpoint
 
 
-def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+def load_model_from_checkpoint(path: str | Path | Mapping[str, Any], device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the model of a checkpoint and load its EMA weights (else its raw weights).
 
     Args:
-        path: checkpoint file written by :func:`save_checkpoint`.
+        path: checkpoint file written by :func:`save_checkpoint`, or the checkpoint
+            :func:`load_checkpoint` read from one.
         device: where the model goes.
 
     Returns:
         The model in eval mode on ``device``.
     """
-    from vfmkd.models import build_model
-
-    checkpoint = load_checkpoint(path)
+    checkpoint, path = _read(path)
     model_config = checkpoint.get("model_config")
     if model_config is None:
         model_config = (checkpoint.get("config") or {}).get("model")
@@ -332,7 +333,14 @@ def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "c
     return model.to(device).eval()
 
 
-def load_distiller_from_checkpoint(config: Any, path: str | Path, student: nn.Module) -> Any | None:
+def _read(source: str | Path | Mapping[str, Any]) -> tuple[Mapping[str, Any], str]:
+    """A checkpoint and a name for messages, from a path or an already loaded checkpoint."""
+    if isinstance(source, Mapping):
+        return source, str(source.get("path", "the checkpoint"))
+    return load_checkpoint(source), str(source)
+
+
+def load_distiller_from_checkpoint(config: Any, path: str | Path | Mapping[str, Any], student: nn.Module) -> Any | None:
     """The distiller a checkpoint trained, rebuilt from ``config`` for ``student``, with its weights.
 
     The EMA's adapters when the checkpoint has an EMA (matching the EMA student that
@@ -344,9 +352,7 @@ def load_distiller_from_checkpoint(config: Any, path: str | Path, student: nn.Mo
     Raises:
         CheckpointError: the checkpoint's adapters do not fit this config's terms.
     """
-    from vfmkd.distillation.distiller import build_distiller
-
-    checkpoint = load_checkpoint(path)
+    checkpoint, path = _read(path)
     ema = checkpoint.get("ema")
     state = ema.get("distiller") if ema else checkpoint.get("distiller")
     if not state:

@@ -20,7 +20,7 @@ from torch import nn
 
 from vfmkd.config import ExperimentConfig
 from vfmkd.distillation import losses as _losses  # noqa: F401  (registers the losses)
-from vfmkd.distillation.plan import TASK_TERMS, TermPlan, alignment_table, plan_distillation, term_grid_stride
+from vfmkd.distillation.plan import TermPlan, alignment_table, plan_distillation, task_entry_names, term_grid_stride
 from vfmkd.distillation.teacher_runtime import TeacherRuntime, start_write_backs
 from vfmkd.models.adapters import build_adapter
 from vfmkd.registry import LOSSES
@@ -61,7 +61,7 @@ class Distiller(nn.Module):
         """One weighted term per planned pair.
 
         Args:
-            maps: the student's named maps (``p3``, ``p4``, ...), ``[B, C, H, W]`` each.
+            maps: the student's named maps (``p3``, ``backbone.p4``, ...), ``[B, C, H, W]`` each.
             batch: the batch on the device (float ``images``, offline records, ``targets``).
         """
         targets = self.teachers(batch, batch["images"].device)
@@ -117,8 +117,8 @@ class DistilledModel(nn.Module):
             forward gives ``features`` (the named maps) and one output per head, its
             ``loss(outputs, targets)`` the task losses.
         distiller: the distillation terms, or None to train the task losses alone.
-        task_weights: multiplier by task-loss prefix (``{"det/": 5.0}``), see
-            :func:`task_loss_weights`.
+        task_weights: multiplier of each head's losses by head name (``{"detection": 5.0}``),
+            see :func:`task_loss_weights`.
         task_losses: False for training data without labels: distillation alone.
     """
 
@@ -140,14 +140,12 @@ class DistilledModel(nn.Module):
         """The loss dict of a batch on the device (float ``images [B, 3, H, W]`` in [0, 1], ``targets``)."""
         outputs = self.student(batch["images"])
         losses: dict[str, torch.Tensor] = {}
-        heads = [name for name in outputs if name != "features"]
+        heads = [name for name in outputs if name not in ("features", "maps")]
         task_run = self.task_losses and batch.get("targets") is not None and bool(heads)
         if task_run:
-            for name, value in self.student.loss(outputs, batch["targets"]).items():
-                weight = next((w for prefix, w in self.task_weights.items() if name.startswith(prefix)), 1.0)
-                losses[name] = value * weight if weight != 1.0 else value
+            losses.update(self.student.loss(outputs, batch["targets"], weights=self.task_weights))
         if self.distiller is not None:
-            distilled = self.distiller(outputs["features"], batch)
+            distilled = self.distiller(outputs["maps"], batch)
             if heads and not task_run and distilled:
                 # NOTE: without task losses the heads (and neck parts only they use) would get no
                 # gradient, which DDP (find_unused_parameters=False) refuses at the next step; a
@@ -167,9 +165,9 @@ def _finite_sum(values: Any) -> torch.Tensor:
 
 
 def task_loss_weights(config: ExperimentConfig) -> dict[str, float]:
-    """Multiplier by task-loss prefix from ``distillation.losses``: ``detection.weight`` scales ``det/*``."""
+    """Multiplier of each head's losses from ``distillation.losses.<head name>.weight`` (``detection.weight``)."""
     losses = config.distillation.losses
-    return {prefix: losses[task].weight for task, prefix in TASK_TERMS.items() if task in losses}
+    return {head: losses[head].weight for head in sorted(task_entry_names(config)) if head in losses}
 
 
 def build_distiller(
@@ -181,13 +179,13 @@ def build_distiller(
     ``write_back: true`` are opened for writing; evaluation passes False and never adds
     to a store.
     """
-    if not any(name not in TASK_TERMS for name in config.distillation.losses):
+    if not any(name not in task_entry_names(config) for name in config.distillation.losses):
         return None
     if not write_back:
         config = config.model_copy(deep=True)
         for teacher in config.teachers.values():
             teacher.write_back = False
-    teachers, terms = plan_distillation(config, student.feature_dims, student.strides)
+    teachers, terms = plan_distillation(config, student.map_dims, student.map_strides)
     if not terms:
         logger.warning("distillation: every configured teacher is disabled; training the task losses only")
         return None

@@ -10,85 +10,91 @@ validation store is skipped (its weights are never loaded just to evaluate).
 from __future__ import annotations
 
 import logging
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from vfmkd.distillation.distiller import Distiller
-from vfmkd.distillation.sources import DistillationDataset, OfflinePlan, collate_with_teacher_features
+from vfmkd.distillation.sources import DistillationDataset, OfflinePlan, TeacherFeatureCollate
+from vfmkd.evaluation.base import Collate, Evaluator
+from vfmkd.registry import EVALUATORS
 
 logger = logging.getLogger(__name__)
 
 
-def feature_fidelity(
-    student: torch.nn.Module,
-    distiller: Distiller,
-    dataset: Dataset,
-    *,
-    batch_size: int,
-    num_workers: int,
-    device: torch.device,
-) -> dict[str, float]:
-    """``fidelity/<teacher>/<feature><-<level>/{cosine,nmse}`` for every term it can measure.
+@EVALUATORS.register("feature_fidelity")
+class FidelityEvaluator(Evaluator):
+    """``fidelity/<teacher>/<feature><-<map>/{cosine,nmse}`` for every term it can measure.
+
+    The validation loader of :func:`~vfmkd.evaluation.base.run_evaluation` reads the
+    teachers' validation stores (:meth:`prepare_data`), so box mAP and fidelity share one
+    pass. The evaluated module's own distiller (the EMA copy's adapters when evaluating
+    the EMA weights) aligns the student maps.
 
     Args:
-        student: the student (e.g. the EMA copy's).
-        distiller: the distiller trained with it (the same copy's adapters).
-        dataset: the validation data set (letterboxed samples).
-        batch_size: images per forward.
-        num_workers: data loader workers.
-        device: where the student runs.
+        distiller: the distiller trained with the student (its terms and teacher runtime).
     """
-    plans, skipped = [], set()
-    runtime = distiller.teachers
-    for key, plan in runtime.teacher_plans.items():
-        if plan.config.val_feature_path:
-            features = tuple(sorted({term.feature for term in distiller.terms if term.teacher == key}))
-            plans.append(OfflinePlan(key, plan.config.val_feature_path, features, 1.0))
-        elif plan.offline_ratio >= 1.0:
-            skipped.add(key)
-    if skipped:
-        logger.info(
-            "feature fidelity skipped for %s: all offline and no val_feature_path (extract the validation "
-            "split with `vfmkd features extract --split val` and set teachers.<name>.val_feature_path)",
-            ", ".join(sorted(skipped)),
-        )
-    terms = [term for term in distiller.terms if term.teacher not in skipped]
-    if not terms:
-        return {}
-    loader = DataLoader(
-        DistillationDataset(dataset, plans),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=collate_with_teacher_features,
-    )
-    sums: dict[str, list[float]] = {term.name: [0.0, 0.0, 0.0, 0.0] for term in terms}
-    was_training = student.training
-    student.eval()
-    try:
-        with torch.no_grad():
-            for batch in loader:
-                images = batch["images"].to(device).float() / 255
-                batch = {**batch, "images": images}
-                maps = student(images)["features"]
-                targets = runtime.teacher_targets(batch, device, teachers={term.teacher for term in terms})
-                for term in terms:
-                    adapted, teacher, valid = distiller.aligned_pair(term, maps, targets)
-                    mask = valid[:, 0]
-                    cosine = F.cosine_similarity(adapted, teacher, dim=1, eps=1e-8)[mask]
-                    cells = mask.unsqueeze(1).expand_as(teacher)
-                    entry = sums[term.name]
-                    entry[0] += float(cosine.sum())
-                    entry[1] += float(cosine.numel())
-                    entry[2] += float((adapted - teacher).pow(2)[cells].sum())
-                    entry[3] += float(teacher.pow(2)[cells].sum())
-    finally:
-        student.train(was_training)
-    results = {}
-    for name, (cosine_sum, count, error, energy) in sums.items():
-        if count:
-            base = name.replace("distill/", "fidelity/", 1)
-            results[f"{base}/cosine"] = cosine_sum / count
-            results[f"{base}/nmse"] = error / max(energy, 1e-12)
-    return results
+
+    wants_predictions = False
+
+    def __init__(self, distiller: Distiller) -> None:
+        self.runtime = distiller.teachers
+        self.plans: list[OfflinePlan] = []
+        skipped: set[str] = set()
+        for key, plan in self.runtime.teacher_plans.items():
+            if plan.config.val_feature_path:
+                features = tuple(sorted({term.feature for term in distiller.terms if term.teacher == key}))
+                self.plans.append(OfflinePlan(key, plan.config.val_feature_path, features, 1.0))
+            elif plan.offline_ratio >= 1.0:
+                skipped.add(key)
+        if skipped:
+            logger.info(
+                "feature fidelity skipped for %s: all offline and no val_feature_path (extract the validation "
+                "split with `vfmkd features extract --split val` and set teachers.<name>.val_feature_path)",
+                ", ".join(sorted(skipped)),
+            )
+        self.terms = [term for term in distiller.terms if term.teacher not in skipped]
+        self.distiller = distiller
+        self._sums: dict[str, list[float]] = {}
+
+    def prepare_data(self, dataset: Dataset, collate_fn: Collate) -> tuple[Dataset, Collate]:
+        """Samples carry the validation stores' records of the teachers that have one."""
+        if not self.terms:
+            return dataset, collate_fn
+        return DistillationDataset(dataset, self.plans), TeacherFeatureCollate(collate_fn)
+
+    def reset(self, model: torch.nn.Module) -> None:
+        """Measure through ``model.distiller`` (the evaluated copy's adapters) when it has one."""
+        self.distiller = getattr(model, "distiller", None) or self.distiller
+        self._sums = {term.name: [0.0, 0.0, 0.0, 0.0] for term in self.terms}
+
+    def process(self, batch: Mapping[str, Any], outputs: Mapping[str, Any], predictions: Any) -> None:
+        """Accumulate cosine and squared errors of every term over the batch's valid cells."""
+        if not self.terms:
+            return
+        images = batch["images"]
+        targets = self.runtime.teacher_targets(dict(batch), images.device, teachers={term.teacher for term in self.terms})
+        # NOTE: the student may have run under autocast; the adapters and the comparison run in float32.
+        maps = {term.level: outputs["maps"][term.level].float() for term in self.terms}
+        for term in self.terms:
+            adapted, teacher, valid = self.distiller.aligned_pair(term, maps, targets)
+            mask = valid[:, 0]
+            cosine = F.cosine_similarity(adapted, teacher, dim=1, eps=1e-8)[mask]
+            cells = mask.unsqueeze(1).expand_as(teacher)
+            entry = self._sums[term.name]
+            entry[0] += float(cosine.sum())
+            entry[1] += float(cosine.numel())
+            entry[2] += float((adapted - teacher).pow(2)[cells].sum())
+            entry[3] += float(teacher.pow(2)[cells].sum())
+
+    def evaluate(self) -> dict[str, float]:
+        """Mean cosine and normalised MSE of each term with at least one valid cell."""
+        results = {}
+        for name, (cosine_sum, count, error, energy) in self._sums.items():
+            if count:
+                base = name.replace("distill/", "fidelity/", 1)
+                results[f"{base}/cosine"] = cosine_sum / count
+                results[f"{base}/nmse"] = error / max(energy, 1e-12)
+        return results

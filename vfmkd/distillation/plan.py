@@ -30,7 +30,7 @@ from vfmkd.utils.hashing import file_sha256
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "TASK_TERMS",
+    "task_entry_names",
     "TeacherPlan",
     "TermPlan",
     "alignment_table",
@@ -39,7 +39,6 @@ __all__ = [
     "plan_distillation",
 ]
 
-TASK_TERMS = {"detection": "det/", "segmentation": "seg/"}
 # NOTE: the seed names its loss `feature_mse`; a `feature_` prefix before a loss name
 # means that loss when no `type` is given.
 LOSS_NAME_PREFIX = "feature_"
@@ -119,15 +118,27 @@ def _cached_sha256(path: Path, compute: Any) -> str:
     return compute(path)
 
 
+def task_entry_names(config: ExperimentConfig) -> set[str]:
+    """``distillation.losses`` entries that weight a head's task losses: the model's head names.
+
+    The seed's ``distillation.losses.detection.weight`` scales the ``detection`` head's
+    losses; a ``segmentation`` head is weighted by a ``segmentation`` entry, and so on.
+    """
+    return set(config.model.heads)
+
+
 def plan_distillation(config: ExperimentConfig, student_dims: Mapping[str, int], student_strides: Mapping[str, int]) -> tuple[dict[str, TeacherPlan], list[TermPlan]]:
     """Resolve teachers and loss terms; every problem is a :class:`ConfigError`.
 
     Args:
         config: the experiment.
-        student_dims: channels of each student level (``model.feature_dims``).
-        student_strides: stride of each student level.
+        student_dims: channels of each named student map (``model.map_dims``: neck levels
+            ``p3``.., backbone stages ``backbone.p4``.., head maps ``<head>.<map>``); a
+            term's ``student:`` names one, by default the neck level closest in stride.
+        student_strides: stride of each named map.
     """
-    losses = {name: entry for name, entry in config.distillation.losses.items() if name not in TASK_TERMS}
+    tasks = task_entry_names(config)
+    losses = {name: entry for name, entry in config.distillation.losses.items() if name not in tasks}
     used = {entry.teacher for entry in losses.values()}
     teachers = {
         key: _plan_teacher(key, teacher, config)
@@ -139,7 +150,10 @@ def plan_distillation(config: ExperimentConfig, student_dims: Mapping[str, int],
     for entry_name, entry in losses.items():
         where = f"distillation.losses.{entry_name}"
         if entry.teacher is None:
-            raise ConfigError(f"{where}: names no 'teacher' (one of: {', '.join(config.teachers) or 'none configured'})")
+            raise ConfigError(
+                f"{where}: names no 'teacher' (one of: {', '.join(config.teachers) or 'none configured'}); "
+                f"an entry weighting a head's task losses takes the head's name ({', '.join(config.model.heads) or 'no heads'})"
+            )
         if entry.teacher not in config.teachers:
             raise ConfigError(f"{where}.teacher: '{entry.teacher}' is not in 'teachers' ({', '.join(config.teachers)})")
         if entry.teacher not in teachers:
@@ -157,10 +171,12 @@ def plan_distillation(config: ExperimentConfig, student_dims: Mapping[str, int],
         spec = plan.specs[feature]
         levels = [entry.student] if isinstance(entry.student, str) else list(entry.student or [])
         if not levels:
-            levels = [_closest_level(spec.stride, student_strides)]
+            # NOTE: by default a neck level (a name without a dot), not a backbone stage or head map.
+            neck_strides = {name: stride for name, stride in student_strides.items() if "." not in name}
+            levels = [_closest_level(spec.stride, neck_strides or student_strides)]
         for level in levels:
             if level not in student_dims:
-                raise ConfigError(f"{where}.student: the student has no level '{level}' (levels: {', '.join(student_dims)})")
+                raise ConfigError(f"{where}.student: the student has no map '{level}' (maps: {', '.join(student_dims)})")
             if spec.stride == 0 and entry.align_to == "teacher" and loss_class.needs_spatial_map:
                 raise ConfigError(f"{where}: '{loss_type}' needs a spatial map; '{feature}' is a global vector")
             adapter = entry.adapter or "conv1x1"

@@ -83,11 +83,15 @@ class DistillationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getattr__(self, name: str) -> Any:
-        # NOTE: the trainer and evaluator reach through to transform, names, ids...
-        if name in ("dataset", "plans", "_stores", "_writes_back"):
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
+    @property
+    def has_labels(self) -> bool:
+        """Whether the wrapped data set has labels."""
+        return bool(getattr(self.dataset, "has_labels", True))
+
+    @property
+    def names(self) -> Any:
+        """The wrapped data set's class names."""
+        return self.dataset.names
 
     @property
     def mosaic_active(self) -> bool:
@@ -162,8 +166,23 @@ class DistillationDataset(Dataset):
         return inputs
 
 
-def collate_with_teacher_features(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """:func:`~vfmkd.datasets.collate.collate_samples` plus the offline teacher records.
+class TeacherFeatureCollate:
+    """A collate function (default :func:`~vfmkd.datasets.collate.collate_samples`) plus the offline teacher records.
+
+    See :func:`collate_with_teacher_features`; picklable, so loader workers can use it.
+    """
+
+    def __init__(self, collate_fn: Callable[[list[dict[str, Any]]], dict[str, Any]] = collate_samples) -> None:
+        self.collate_fn = collate_fn
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        return collate_with_teacher_features(samples, self.collate_fn)
+
+
+def collate_with_teacher_features(
+    samples: list[dict[str, Any]], collate_fn: Callable[[list[dict[str, Any]]], dict[str, Any]] = collate_samples
+) -> dict[str, Any]:
+    """``collate_fn`` (default :func:`~vfmkd.datasets.collate.collate_samples`) plus the offline teacher records.
 
     Adds ``teacher_offline``: teacher -> dict with ``samples`` (int64 ``[B_off]``, the batch
     rows served offline), ``tile_sample`` (int64 ``[T]``, row of each record), ``features``
@@ -173,7 +192,7 @@ def collate_with_teacher_features(samples: list[dict[str, Any]]) -> dict[str, An
     batch's primary images missing from that teacher's store (empty dict when none is).
     """
 
-    batch = collate_samples(samples)
+    batch = collate_fn(samples)
     if any(WRITE_BACK_KEY in sample for sample in samples):
         pending: dict[str, dict[str, Any]] = {}
         for sample in samples:

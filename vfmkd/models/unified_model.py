@@ -31,8 +31,10 @@ from vfmkd.models import backbones as _backbones  # noqa: F401
 from vfmkd.models import heads as _heads  # noqa: F401
 from vfmkd.models import necks as _necks  # noqa: F401
 from vfmkd.models.backbones.base import BaseBackbone
+from vfmkd.models.heads.base import BaseHead
 from vfmkd.models.ultralytics_compat import convert_ultralytics_state_dict, is_ultralytics_state_dict
 from vfmkd.registry import BACKBONES, HEADS, NECKS, Registry
+from vfmkd.utils.state_dict import load_state_dict_strict
 
 __all__ = ["DETECTION_HEAD", "PassThroughNeck", "UnifiedModel", "build_model", "load_weights", "read_state_dict"]
 
@@ -40,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 DETECTION_HEAD = "detection"
 FEATURES_KEY = "features"
+MAPS_KEY = "maps"
 _MODEL_KEYS = ("backbone", "neck", "heads", "weights")
 
 
@@ -62,7 +65,11 @@ class PassThroughNeck(nn.Module):
 
 
 class UnifiedModel(nn.Module):
-    """Backbone, neck and task heads.
+    """Backbone, neck and task heads (:class:`~vfmkd.models.heads.base.BaseHead`).
+
+    Named maps: the neck's levels (``p3``, ``p4``, ``p5``), the backbone's stages
+    (``backbone.p4``) and what each head exposes (``<head>.<map>``); any of them can be
+    the student side of a distillation term (:attr:`map_dims`, :attr:`map_strides`).
 
     Args:
         backbone: Built backbone.
@@ -80,8 +87,9 @@ class UnifiedModel(nn.Module):
         config: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if FEATURES_KEY in heads:
-            raise ValueError(f"'{FEATURES_KEY}' is reserved for the neck outputs; rename that head")
+        reserved = sorted(set(heads) & {FEATURES_KEY, MAPS_KEY, "backbone"})
+        if reserved:
+            raise ValueError(f"head names {reserved} are reserved (neck outputs, named maps); rename those heads")
         self.backbone = backbone
         self.neck = neck
         self.heads = nn.ModuleDict(dict(heads))
@@ -97,31 +105,63 @@ class UnifiedModel(nn.Module):
         """Stride of each level in ``outputs["features"]``, in input pixels."""
         return dict(self.neck.feature_strides)
 
-    def forward(self, images: torch.Tensor) -> dict[str, Any]:
+    @property
+    def map_dims(self) -> dict[str, int]:
+        """Channels of every named map in ``outputs["maps"]``."""
+        return {name: channels for name, (channels, _) in self._map_specs().items()}
+
+    @property
+    def map_strides(self) -> dict[str, int]:
+        """Stride, in input pixels, of every named map in ``outputs["maps"]``."""
+        return {name: stride for name, (_, stride) in self._map_specs().items()}
+
+    def _map_specs(self) -> dict[str, tuple[int, int]]:
+        specs = {level: (int(self.neck.feature_dims[level]), int(self.neck.feature_strides[level])) for level in self.neck.feature_dims}
+        for level, channels in self.backbone.feature_dims.items():
+            specs[f"backbone.{level}"] = (int(channels), int(self.backbone.feature_strides[level]))
+        for head_name, head in self.heads.items():
+            for map_name, spec in getattr(head, "map_specs", {}).items():
+                specs[f"{head_name}.{map_name}"] = (int(spec[0]), int(spec[1]))
+        return specs
+
+    def forward(self, images: torch.Tensor, **inputs: Any) -> dict[str, Any]:
         """Run backbone, neck and every head.
 
         Args:
             images: ``[B, 3, H, W]`` float RGB in ``[0, 1]``.
+            **inputs: Other batch inputs for the heads (prompts, ...).
 
         Returns:
-            ``features``: level name to ``[B, C, H / stride, W / stride]`` neck output, and one
-            entry per head with that head's raw outputs (``detection``: list of
-            ``[B, 4 * 16 + num_classes, H_level, W_level]`` maps). Same structure in train and
-            eval mode.
+            ``features``: level name to ``[B, C, H / stride, W / stride]`` neck output;
+            ``maps``: every named map (see :attr:`map_dims`); and one entry per head with
+            that head's raw outputs (``detection``: list of ``[B, 4 * 16 + num_classes,
+            H_level, W_level]`` maps). Same structure in train and eval mode.
         """
-        features = self.neck(self.backbone(images))
-        outputs: dict[str, Any] = {FEATURES_KEY: features}
+        stages = self.backbone(images)
+        features = self.neck(stages)
+        maps = dict(features)
+        maps.update({f"backbone.{level}": value for level, value in stages.items()})
+        outputs: dict[str, Any] = {FEATURES_KEY: features, MAPS_KEY: maps}
         for name, head in self.heads.items():
-            outputs[name] = head(features)
+            outputs[name] = head(features, **inputs) if inputs else head(features)
+            if isinstance(head, BaseHead):
+                maps.update({f"{name}.{key}": value for key, value in head.named_maps(outputs[name]).items()})
         return outputs
 
-    def loss(self, outputs: Mapping[str, Any], batch_targets: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    def loss(
+        self,
+        outputs: Mapping[str, Any],
+        batch_targets: Mapping[str, Any],
+        *,
+        weights: Mapping[str, float] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Merge every head's loss dict.
 
         Args:
             outputs: The dict returned by :meth:`forward`.
-            batch_targets: The collated targets; each head reads the keys it needs
-                (detection: ``batch_idx``, ``cls``, ``boxes``).
+            batch_targets: The collated targets on the device; each head reads the keys
+                it needs (detection: ``batch_idx``, ``cls``, ``boxes``, ``has_labels``).
+            weights: Multiplier of each head's losses by head name (default 1).
 
         Returns:
             Loss name (``det/box``, ``det/cls``, ``det/dfl``, ...) to scalar tensor; the
@@ -130,27 +170,62 @@ class UnifiedModel(nn.Module):
         losses: dict[str, torch.Tensor] = {}
         for name, head in self.heads.items():
             head_losses = head.loss(outputs[name], batch_targets)
+            prefix = getattr(head, "loss_prefix", "")
+            stray = sorted(key for key in head_losses if not key.startswith(prefix))
+            if stray:
+                raise ValueError(f"head '{name}' returns losses {stray} that do not start with its prefix '{prefix}'")
             clashes = sorted(set(head_losses) & set(losses))
             if clashes:
                 raise ValueError(f"head '{name}' returns loss names already used by another head: {clashes}")
-            losses.update(head_losses)
+            weight = 1.0 if weights is None else float(weights.get(name, 1.0))
+            losses.update({key: value * weight if weight != 1.0 else value for key, value in head_losses.items()})
         return losses
 
-    def predict(self, outputs: Mapping[str, Any], **kwargs: Any) -> list[dict[str, torch.Tensor]]:
-        """Detections per image from the ``detection`` head.
+    def predict(
+        self, outputs: Mapping[str, Any], batch: Mapping[str, Any] | None = None, **options: Any
+    ) -> list[dict[str, Any]]:
+        """Every head's predictions, merged per image.
 
         Args:
             outputs: The dict returned by :meth:`forward`.
-            **kwargs: Passed to the head's ``predict`` (``conf_threshold``, ``iou_threshold``,
-                ``max_det``, ``multi_label``).
+            batch: The collated batch; with ``frames``, results are in original image
+                pixels (else in input pixels).
+            **options: Passed to each head's ``predict`` that takes them (detection:
+                ``conf_threshold``, ``iou_threshold``, ``max_det``, ``multi_label``).
 
         Returns:
-            One dict per image: ``boxes [K, 4]`` ``xyxy`` input pixels, ``scores [K]``,
-            ``labels [K]`` int64.
+            One dict per image (detection: ``boxes [K, 4]`` ``xyxy``, ``scores [K]``,
+            ``labels [K]`` int64).
         """
-        if DETECTION_HEAD not in self.heads:
-            raise KeyError(f"predict() needs a '{DETECTION_HEAD}' head; this model has {list(self.heads)}")
-        return self.heads[DETECTION_HEAD].predict(outputs[DETECTION_HEAD], **kwargs)
+        if not self.heads:
+            raise KeyError("predict() needs a task head; this model has none")
+        merged: list[dict[str, Any]] | None = None
+        for name, head in self.heads.items():
+            results = head.predict(outputs[name], batch, **_accepted(head.predict, options))
+            if merged is None:
+                merged = [dict(result) for result in results]
+                continue
+            for image_result, result in zip(merged, results):
+                clashes = sorted(set(image_result) & set(result))
+                if clashes:
+                    raise ValueError(f"head '{name}' predicts keys another head already gives: {clashes}")
+                image_result.update(result)
+        return merged or []
+
+    def evaluator_names(self) -> list[str]:
+        """The evaluators the heads ask for (``vfmkd.registry.EVALUATORS`` names), each once."""
+        names: list[str] = []
+        for head in self.heads.values():
+            names += [name for name in getattr(head, "evaluators", ()) if name not in names]
+        return names
+
+
+def _accepted(function: Any, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``options`` that ``function`` takes as keyword arguments."""
+    parameters = inspect.signature(function).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return dict(options)
+    return {key: value for key, value in options.items() if key in parameters}
 
 
 def build_model(model_cfg: Mapping[str, Any]) -> UnifiedModel:
@@ -256,29 +331,16 @@ def load_weights(model: UnifiedModel, path: str | Path) -> None:
         source = "Ultralytics YOLOv8"
     else:
         source = "vfmkd"
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    mismatched = [
-        f"{key}: file {tuple(state_dict[key].shape)} vs model {tuple(expected[key].shape)}"
-        for key in sorted(set(expected) & set(state_dict))
-        if state_dict[key].shape != expected[key].shape
-    ]
-    if missing or unexpected or mismatched:
-        problems = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
-            if keys:
-                shown = "; ".join(keys[:20]) + (f"; ... ({len(keys)} in all)" if len(keys) > 20 else "")
-                problems.append(f"{label}: {shown}")
-        hint = ""
-        if any("class_branches" in entry for entry in mismatched):
-            hint = " The class branches differ in shape: the file was trained with another num_classes."
-        raise ValueError(
-            f"weights {path} ({source} keys) do not match the model built from the config. "
-            + " | ".join(problems)
-            + hint
-        )
-    model.load_state_dict(state_dict, strict=True)
+    load_state_dict_strict(
+        model,
+        state_dict,
+        source=f"weights {path} ({source} keys)",
+        hint=lambda problems: (
+            "The class branches differ in shape: the file was trained with another num_classes."
+            if any("class_branches" in entry for entry in problems.mismatched)
+            else "Were they saved from a model built with this config?"
+        ),
+    )
     logger.info("loaded %s weights from %s (%d tensors)", source, path, len(state_dict))
 
 

@@ -12,15 +12,17 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
 from vfmkd.models.backbones.yolov8 import ConvBNAct
+from vfmkd.models.heads.base import BaseHead, has_labels_mask, original_frames
 from vfmkd.models.heads.yolo_loss import YOLOv8DetectionLoss
 from vfmkd.ops.boxes import batched_nms, distance_to_bbox, make_anchors
 from vfmkd.registry import HEADS
 
-__all__ = ["DistributionIntegral", "YOLOHead"]
+__all__ = ["DistributionIntegral", "YOLOHead", "boxes_to_original"]
 
 
 class DistributionIntegral(nn.Module):
@@ -56,7 +58,7 @@ def _branch(in_channels: int, hidden_channels: int, out_channels: int) -> nn.Seq
 
 
 @HEADS.register("yolo_head")
-class YOLOHead(nn.Module):
+class YOLOHead(BaseHead):
     """YOLOv8 detection head over ``p3``, ``p4``, ``p5``.
 
     ``forward`` returns raw per-level maps in both train and eval mode; ``loss`` and
@@ -80,6 +82,9 @@ class YOLOHead(nn.Module):
         >>> [tuple(m.shape) for m in maps]
         [(1, 67, 8, 8), (1, 67, 4, 4), (1, 67, 2, 2)]
     """
+
+    loss_prefix = "det/"
+    evaluators = ("coco_bbox",)
 
     def __init__(
         self,
@@ -128,11 +133,12 @@ class YOLOHead(nn.Module):
             box_branch[-1].bias.fill_(1.0)
             class_branch[-1].bias.fill_(math.log(5 / self.num_classes / (640 / stride) ** 2))
 
-    def forward(self, features: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+    def forward(self, features: Mapping[str, torch.Tensor], **inputs: Any) -> list[torch.Tensor]:
         """Run both branches on every level.
 
         Args:
             features: Level name to ``[B, C_level, H_level, W_level]`` map.
+            **inputs: Other batch inputs (prompts, ...); unused by this head.
 
         Returns:
             One ``[B, 4 * reg_max + num_classes, H_level, W_level]`` map per level of
@@ -194,7 +200,8 @@ class YOLOHead(nn.Module):
         Args:
             outputs: The list returned by :meth:`forward`.
             targets: ``batch_idx [N]`` int64 image index, ``cls [N]`` int64 class,
-                ``boxes [N, 4]`` ``xyxy`` in input pixels; moved to the outputs' device here.
+                ``boxes [N, 4]`` ``xyxy`` in input pixels, optionally ``has_labels [B]``
+                (the classification term of an image without labels is left out).
 
         Returns:
             ``det/box``, ``det/cls``, ``det/dfl``: scalar float32 tensors, gains applied,
@@ -206,16 +213,20 @@ class YOLOHead(nn.Module):
             distributions, logits = self.split_outputs(outputs)
             anchor_points, stride_tensor = self.anchors(outputs)
             pred_boxes = self.decode_boxes(distributions, anchor_points)
-            return self.criterion(distributions, logits, pred_boxes, anchor_points, stride_tensor, targets)
+            labelled = has_labels_mask(targets, logits.shape[0], logits.device)
+            return self.criterion(
+                distributions, logits, pred_boxes, anchor_points, stride_tensor, targets, labelled=labelled
+            )
 
     @torch.no_grad()
     def predict(
         self,
         outputs: Sequence[torch.Tensor],
+        batch: Mapping[str, Any] | None = None,
+        *,
         conf_threshold: float = 0.001,
         iou_threshold: float = 0.7,
         max_det: int = 300,
-        *,
         multi_label: bool = False,
         max_candidates: int = 30000,
     ) -> list[dict[str, torch.Tensor]]:
@@ -223,6 +234,8 @@ class YOLOHead(nn.Module):
 
         Args:
             outputs: The list returned by :meth:`forward`.
+            batch: The collated batch; with its ``frames``, boxes are mapped back to the
+                original images.
             conf_threshold: Keep boxes whose class probability exceeds this.
             iou_threshold: NMS IoU threshold, within a class.
             max_det: Most detections kept per image.
@@ -231,8 +244,9 @@ class YOLOHead(nn.Module):
             max_candidates: Most boxes per image entering NMS, highest scores first.
 
         Returns:
-            One dict per image with ``boxes [K, 4]`` ``xyxy`` in input pixels (clipped to the
-            input), ``scores [K]`` and ``labels [K]`` int64, sorted by decreasing score.
+            One dict per image with ``boxes [K, 4]`` ``xyxy`` (clipped to the image): float32
+            input pixels without a batch, float64 original-image pixels (on the CPU) with
+            one; ``scores [K]`` and ``labels [K]`` int64, sorted by decreasing score.
         """
         with torch.autocast(device_type=outputs[0].device.type, enabled=False):
             distributions, logits = self.split_outputs(outputs)
@@ -262,12 +276,30 @@ class YOLOHead(nn.Module):
 
         # _top_per_image groups detections by image, each group sorted by decreasing score.
         counts = torch.bincount(image_index, minlength=batch_size).tolist()
-        return [
+        results = [
             {"boxes": image_boxes, "scores": image_scores, "labels": image_labels.long()}
             for image_boxes, image_scores, image_labels in zip(
                 candidate_boxes.split(counts), scores.split(counts), labels.split(counts)
             )
         ]
+        frames = original_frames(batch, batch_size)
+        if frames is not None:
+            for result, frame in zip(results, frames):
+                result["boxes"] = boxes_to_original(result["boxes"], frame)
+        return results
+
+
+def boxes_to_original(boxes: torch.Tensor, frame: Any) -> torch.Tensor:
+    """``[K, 4]`` xyxy input-pixel boxes mapped through ``frame`` to the original image, clipped.
+
+    Returns:
+        ``[K, 4]`` float64 CPU tensor (the precision COCO scoring uses).
+    """
+    original = np.asarray(frame.invert_boxes(boxes.detach().float().cpu().numpy().reshape(-1, 4)), dtype=np.float64)
+    height, width = frame.source_size
+    original[:, [0, 2]] = original[:, [0, 2]].clip(0, width)
+    original[:, [1, 3]] = original[:, [1, 3]].clip(0, height)
+    return torch.from_numpy(original)
 
 
 def _select(tensors: tuple[torch.Tensor, ...], index: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -141,6 +141,8 @@ class YOLOv8DetectionLoss(nn.Module):
         anchor_points: torch.Tensor,
         stride_tensor: torch.Tensor,
         targets: Mapping[str, torch.Tensor],
+        *,
+        labelled: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Compute the three loss terms.
 
@@ -151,6 +153,9 @@ class YOLOv8DetectionLoss(nn.Module):
             anchor_points: ``[A, 2]`` anchor centres in grid units.
             stride_tensor: ``[A, 1]`` stride of each anchor.
             targets: ``batch_idx [N]``, ``cls [N]``, ``boxes [N, 4]`` ``xyxy`` in input pixels.
+            labelled: ``[B]`` float, 0 for images without labels: their anchors are left
+                out of the classification term (they have no boxes, so no box or DFL
+                term). None: every image is labelled.
 
         Returns:
             ``det/box``, ``det/cls``, ``det/dfl``: scalar tensors, gains applied, per-image means.
@@ -168,8 +173,10 @@ class YOLOv8DetectionLoss(nn.Module):
         target_scores = assignment.scores.to(pred_logits.dtype)
         target_scores_sum = target_scores.sum().clamp(min=1)
 
-        cls_loss = F.binary_cross_entropy_with_logits(pred_logits, target_scores, reduction="none").sum()
-        cls_loss = cls_loss / target_scores_sum
+        cls_loss = F.binary_cross_entropy_with_logits(pred_logits, target_scores, reduction="none")
+        if labelled is not None:
+            cls_loss = cls_loss * labelled.to(cls_loss.dtype)[:, None, None]
+        cls_loss = cls_loss.sum() / target_scores_sum
 
         foreground = assignment.foreground
         weight = target_scores.sum(dim=-1)[foreground]  # [P]

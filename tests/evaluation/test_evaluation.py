@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from vfmkd.config import EvalConfig
-from vfmkd.core.evaluator import COCOEvaluator, evaluate_model, fitness
+from vfmkd.evaluation import COCOBoxEvaluator, Evaluator, fitness, run_evaluation
 from vfmkd.geometry import letterbox_frame
+from vfmkd.utils.amp import resolve_amp
 
 INPUT_SIZE = 64
 
@@ -73,10 +73,11 @@ def _collate(samples: list[dict]) -> dict:
 
 
 def _predictions(dataset, shift: float = 0.0) -> list[dict]:
+    """The ground truth as predictions, in original image pixels (what heads' predict(outputs, batch) gives)."""
     predictions = []
     for index in range(len(dataset)):
         sample = dataset[index]
-        boxes = sample["boxes"].clone()
+        boxes = torch.as_tensor(dataset.boxes[index], dtype=torch.float64).clone()
         boxes[:, [0, 2]] += shift
         predictions.append(
             {"boxes": boxes, "scores": torch.ones(len(boxes)), "labels": sample["labels"].long()}
@@ -85,9 +86,9 @@ def _predictions(dataset, shift: float = 0.0) -> list[dict]:
 
 
 def _run(dataset, predictions) -> dict:
-    evaluator = COCOEvaluator(dataset)
+    evaluator = COCOBoxEvaluator(dataset)
     for index, prediction in enumerate(predictions):
-        evaluator.process([index], [prediction], [dataset.frame(index)])
+        evaluator.process({"indices": [index]}, {}, [prediction])
     return evaluator.evaluate()
 
 
@@ -123,54 +124,72 @@ def test_no_predictions_give_zeros(capsys):
 
 def test_reset_and_bad_image_id():
     dataset = _BoxesDataset()
-    evaluator = COCOEvaluator(dataset)
-    evaluator.process([0], _predictions(dataset)[:1], [dataset.frame(0)])
+    evaluator = COCOBoxEvaluator(dataset)
+    evaluator.add([0], _predictions(dataset)[:1])
     evaluator.reset()
     assert evaluator.evaluate()["num_detections"] == 0
     with pytest.raises(KeyError, match="not in the data set"):
-        evaluator.process([9], _predictions(dataset)[:1], [dataset.frame(0)])
+        evaluator.add([9], _predictions(dataset)[:1])
 
 
 class _OracleModel(nn.Module):
-    """Predicts the ground-truth boxes of the images it is shown (looked up by call order)."""
+    """Predicts the ground-truth boxes of the images it is shown (looked up by the batch's indices)."""
 
     def __init__(self, predictions: list[dict]) -> None:
         super().__init__()
         self.scale = nn.Parameter(torch.ones(()))
         self.predictions = predictions
-        self.seen = 0
+        self.forwards = 0
 
     def forward(self, images: torch.Tensor) -> dict:
         assert images.dtype == torch.float32 and images.max() <= 1.0
-        return {"batch_size": images.shape[0]}
+        self.forwards += 1
+        return {"batch_size": images.shape[0], "maps": {"p3": images[:, :1]}}
 
-    def predict(self, outputs: dict, *, conf_threshold: float, iou_threshold: float, max_det: int) -> list[dict]:
-        batch = self.predictions[self.seen : self.seen + outputs["batch_size"]]
-        self.seen += outputs["batch_size"]
-        return batch
+    def predict(self, outputs: dict, batch: dict, *, conf_threshold: float, max_det: int) -> list[dict]:
+        assert len(batch["frames"]) == outputs["batch_size"]
+        return [self.predictions[index] for index in batch["indices"]]
 
 
-def test_evaluate_model_runs_inference_in_eval_mode():
+class _MeanBrightness(Evaluator):
+    """Needs no predictions: the mean of the maps it is shown."""
+
+    wants_predictions = False
+
+    def reset(self, model) -> None:
+        self.values = []
+
+    def process(self, batch, outputs, predictions) -> None:
+        assert predictions is None or len(predictions) == outputs["batch_size"]
+        self.values.append(float(outputs["maps"]["p3"].mean()))
+
+    def evaluate(self) -> dict:
+        return {"brightness": sum(self.values) / len(self.values)}
+
+
+def test_one_pass_feeds_every_evaluator_in_eval_mode():
     dataset = _BoxesDataset()
     model = _OracleModel(_predictions(dataset))
     model.train()
-    metrics = evaluate_model(
+    metrics = run_evaluation(
         model,
         dataset,
+        [COCOBoxEvaluator(dataset), _MeanBrightness()],
         batch_size=2,
         num_workers=0,
         device="cpu",
-        amp=False,
-        eval_cfg=EvalConfig(),
         collate_fn=_collate,
+        predict_options={"conf_threshold": 0.001, "max_det": 100},
     )
-    assert metrics["mAP"] == pytest.approx(1.0)
+    assert metrics["mAP"] == pytest.approx(1.0) and metrics["brightness"] == 0.0
+    assert model.forwards == 2  # 3 images in batches of 2: one pass for both evaluators
     assert model.training  # restored
+    with pytest.raises(ValueError, match="reports metrics another evaluator gave"):
+        run_evaluation(model, dataset, [_MeanBrightness(), _MeanBrightness()], batch_size=2, num_workers=0,
+                       device="cpu", collate_fn=_collate)
 
 
 def test_resolve_amp_picks_the_device_dtype(caplog):
-    from vfmkd.core.evaluator import resolve_amp
-
     cpu = torch.device("cpu")
     assert resolve_amp(cpu, False) == (False, torch.float32)
     assert resolve_amp(cpu, True, "auto") == (True, torch.bfloat16)

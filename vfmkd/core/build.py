@@ -1,0 +1,244 @@
+"""The builder: the only code that turns an :class:`~vfmkd.config.ExperimentConfig` into objects.
+
+:func:`build_trainer` sets up the process (seeds, determinism, ``torchrun`` group),
+builds the student, the data sets, the distiller (a
+:class:`~vfmkd.distillation.distiller.DistilledModel` trains both), the optimizer, the
+evaluators the heads ask for plus feature fidelity, and the default hooks, and hands
+them to :class:`~vfmkd.core.trainer.Trainer`. Each part has its own function, so a
+library user can build some parts from a config and pass others in.
+
+Random draws follow one order, so a fixed seed gives the same run: the global seeds are
+set first, then the student's weights are drawn, then the distiller's adapters.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from vfmkd.config import ConfigError, ExperimentConfig
+from vfmkd.core.hooks import (
+    CheckpointHook,
+    CloseMosaicHook,
+    EvalHook,
+    Hook,
+    LRScheduleHook,
+    MetricsLogHook,
+    TeacherLifecycleHook,
+)
+from vfmkd.core.loader import seed_everything
+from vfmkd.core.optim import LRSchedule, build_optimizer
+from vfmkd.core.trainer import LossFunction, LossFunctionModel, ProcessContext, Trainer
+from vfmkd.datasets import build_dataset
+from vfmkd.datasets.collate import collate_samples
+from vfmkd.distillation.distiller import DistilledModel, Distiller, build_distiller, task_loss_weights
+from vfmkd.distillation.fidelity import FidelityEvaluator
+from vfmkd.distillation.sources import DistillationDataset, TeacherFeatureCollate
+from vfmkd.evaluation import Evaluator
+from vfmkd.models import build_model
+from vfmkd.registry import EVALUATORS
+
+__all__ = [
+    "build_evaluators",
+    "build_trainer",
+    "build_training_model",
+    "default_hooks",
+    "setup_process",
+]
+
+logger = logging.getLogger(__name__)
+
+Collate = Callable[[list[Any]], dict[str, Any]]
+
+
+def setup_process(config: ExperimentConfig) -> ProcessContext:
+    """Join the ``torchrun`` group, pick the device, set determinism flags and seed everything.
+
+    Call it before building the model: the weights are drawn from the seeded generators.
+    """
+    settings = config.train
+    process = ProcessContext.current(settings.device)
+    if settings.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+    seed_everything(settings.seed)
+    return process
+
+
+def build_training_model(
+    config: ExperimentConfig, student: nn.Module, train_dataset: Dataset, collate_fn: Collate | None = None
+) -> tuple[DistilledModel, Dataset, Collate]:
+    """The config's training model: the student with its task-loss weights and distiller.
+
+    With distillation terms the training data set reads the teacher stores in the loader
+    workers and batches carry the offline records.
+
+    Returns:
+        The model, the training data set and the collate function to train with.
+    """
+    collate: Collate = collate_fn or collate_samples
+    has_labels = getattr(train_dataset, "has_labels", True)
+    distiller = build_distiller(config, student)
+    if not has_labels:
+        if distiller is None:
+            raise ConfigError(
+                f"data.dataset '{config.data.dataset}' has no labels and the config has no distillation "
+                "term: there is nothing to learn; add a teacher and a distillation.losses entry, or "
+                "give labelled data"
+            )
+        logger.info("the training data has no labels: distillation terms only, no task losses")
+    model = DistilledModel(student, distiller, task_weights=task_loss_weights(config), task_losses=has_labels)
+    if distiller is not None:
+        train_dataset = DistillationDataset(train_dataset, distiller.teachers.offline_plans())
+        collate = TeacherFeatureCollate(collate)
+    return model, train_dataset, collate
+
+
+def build_evaluators(student: nn.Module, dataset: Any, distiller: Distiller | None = None) -> list[Evaluator]:
+    """What to measure on ``dataset``: the evaluators the student's heads ask for, and feature fidelity.
+
+    Head evaluators (``vfmkd.registry.EVALUATORS``, built with the data set) need labels;
+    a data set without them gets fidelity only.
+    """
+    evaluators: list[Evaluator] = []
+    if getattr(dataset, "has_labels", True):
+        names = student.evaluator_names() if hasattr(student, "evaluator_names") else []
+        evaluators += [EVALUATORS.get(name)(dataset) for name in names]
+    if distiller is not None:
+        evaluators.append(FidelityEvaluator(distiller))
+    return evaluators
+
+
+def default_hooks(
+    config: ExperimentConfig,
+    val_dataset: Any,
+    evaluators: Sequence[Evaluator],
+    *,
+    collate_fn: Collate | None = None,
+    teacher_runtime: Any = None,
+) -> list[Hook]:
+    """The hooks of a config's run, in calling order.
+
+    LR schedule, close-mosaic, teacher write-back / lifecycle, interval logging,
+    evaluation, then checkpoints (which read what the evaluation found).
+    """
+    settings = config.train
+    hooks: list[Hook] = [
+        LRScheduleHook(
+            lambda steps_per_epoch, total_steps: LRSchedule.from_config(
+                settings, steps_per_epoch=steps_per_epoch, total_steps=total_steps
+            )
+        ),
+        CloseMosaicHook(config.data.augment.close_mosaic),
+    ]
+    if teacher_runtime is not None:
+        hooks.append(TeacherLifecycleHook(teacher_runtime))
+    options = {
+        "conf_threshold": config.eval.conf_threshold,
+        "iou_threshold": config.eval.iou_threshold,
+        "max_det": config.eval.max_det,
+    }
+    hooks += [
+        MetricsLogHook(settings.log_interval),
+        EvalHook(
+            val_dataset,
+            evaluators,
+            interval=settings.eval_interval,
+            batch_size=config.eval.batch_size or config.data.batch_size,
+            options=options,
+            collate_fn=collate_fn,
+        ),
+        CheckpointHook(
+            config.run_dir / "checkpoints", interval=settings.save_interval, config=config
+        ),
+    ]
+    return hooks
+
+
+def build_trainer(
+    config: ExperimentConfig,
+    *,
+    resume: bool = False,
+    model: nn.Module | None = None,
+    train_dataset: Dataset | None = None,
+    val_dataset: Dataset | None = None,
+    loss_fn: LossFunction | None = None,
+    collate_fn: Collate | None = None,
+    hooks: Sequence[Hook] = (),
+    trainer_class: type[Trainer] = Trainer,
+) -> Trainer:
+    """A trainer for ``config``; objects passed in replace what the config would build.
+
+    Building sets process-wide state, as a training run should: the global seeds
+    (``train.seed``), cuDNN benchmark / deterministic mode (``train.deterministic``) and,
+    under ``torchrun``, the process group.
+
+    Args:
+        config: the experiment.
+        resume: continue from ``run_dir/checkpoints/last.pt``.
+        model: the student; default ``vfmkd.models.build_model(config.model)``.
+        train_dataset: default ``build_dataset(config.data, data.train_split, train=True)``.
+        val_dataset: default ``build_dataset(config.data, data.val_split, train=False)``.
+        loss_fn: ``loss_fn(student, outputs, batch) -> {name: scalar}`` trained as a
+            :class:`~vfmkd.core.trainer.LossFunctionModel` instead of the config's task
+            losses and distillation terms.
+        collate_fn: batches samples; default ``vfmkd.datasets.collate.collate_samples``.
+        hooks: extra hooks, called after the default ones.
+        trainer_class: a :class:`Trainer` subclass to build.
+    """
+    process = setup_process(config)
+    if model is None:
+        model = build_model(config.to_dict()["model"])
+    if train_dataset is None:
+        train_dataset = build_dataset(config.data, config.data.train_split, train=True)
+    if val_dataset is None:
+        val_dataset = build_dataset(config.data, config.data.val_split, train=False)
+    distiller = None
+    if loss_fn is None:
+        training_model, train_dataset, train_collate = build_training_model(config, model, train_dataset, collate_fn)
+        distiller = training_model.distiller
+    else:
+        training_model, train_collate = LossFunctionModel(model, loss_fn), collate_fn or collate_samples
+    training_model.to(process.device)
+    optimizer = build_optimizer(training_model, config.train)
+    evaluators = build_evaluators(model, val_dataset, distiller)
+    runtime = distiller.teachers if distiller is not None else None
+    all_hooks = default_hooks(config, val_dataset, evaluators, collate_fn=collate_fn, teacher_runtime=runtime)
+    trainer = trainer_class(
+        model=training_model,
+        train_dataset=train_dataset,
+        optimizer=optimizer,
+        settings=config.train,
+        batch_size=config.data.batch_size,
+        collate_fn=train_collate,
+        num_workers=config.data.num_workers,
+        hooks=[*all_hooks, *hooks],
+        process=process,
+        run_dir=config.run_dir,
+    )
+    if resume:
+        checkpoint = trainer.resume()
+        _warn_config_changes(config, checkpoint.get("config") or {})
+    return trainer
+
+
+def _warn_config_changes(config: ExperimentConfig, saved: Mapping[str, Any]) -> None:
+    current = config.to_dict()
+    changed = [
+        f"{section}.{key}"
+        for section in current
+        if isinstance(current[section], dict) and isinstance(saved.get(section), dict)
+        for key in sorted(set(current[section]) | set(saved[section]))
+        if current[section].get(key) != saved[section].get(key)
+    ]
+    if changed:
+        logger.warning("config changed since the checkpoint: %s", ", ".join(changed))
