@@ -1,0 +1,470 @@
+"""A SAM-style promptable mask head on any student: its own image embedding, SAM's prompt encoder and decoder.
+
+From the student's neck levels the head builds a 256-channel, stride-16 image embedding
+(each level projected to 256 channels, brought to stride 16 and summed, then SAM's neck:
+1x1 conv, LayerNorm2d, 3x3 conv, LayerNorm2d, as EdgeSAM does on its RepViT encoder). The
+embedding is exposed as the named map ``<head>.embed`` so a distillation term can pull it
+toward the teacher's ``embed``. With ``decoder: sam2`` it also builds the two
+high-resolution maps SAM 2's decoder consumes (``hires_s8``: 64 channels at stride 8,
+``hires_s4``: 32 channels at stride 4), exposed and distillable too.
+
+The prompt encoder and mask decoder are the official modules (``segment_anything`` or
+``sam2``), built with the official sizes so an official checkpoint's
+``prompt_encoder.*`` / ``mask_decoder.*`` (SAM) or ``sam_prompt_encoder.*`` /
+``sam_mask_decoder.*`` (SAM 2) load into them (``init_from``). The prompt encoder is
+frozen by default, the decoder trained. Prompts are in network-input pixels, pixel
+centres at ``i + 0.5`` (vfmkd's convention; half a pixel is taken off before SAM's
+prompt encoder, which adds it back); any input size that is a multiple of 32 works (the prompt encoder's grid follows the
+embedding).
+
+Training: per labelled image up to ``max_instances`` instances, each prompted by its box
+or by one point inside its mask (:func:`~vfmkd.models.heads.prompts.sample_prompts`);
+loss ``bce_weight`` x BCE + ``dice_weight`` x Dice on the mask logits upsampled to the
+input (EdgeSAM's 5 : 5), and ``iou_weight`` x MSE of the predicted IoU against the
+mask's real IoU: ``seg/bce``, ``seg/dice``, ``seg/iou``.
+
+Example (experiment YAML)::
+
+    heads:
+      detection: {type: yolo_head, num_classes: 80}
+      segmentation: {type: sam_mask_head, decoder: sam2, init_from: weights/sam2.1_hiera_tiny.pt}
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vfmkd.models.heads.base import BaseHead, MapSpec
+from vfmkd.models.heads.prompts import Prompts, sample_prompts
+from vfmkd.ops.masks import masks_to_original
+from vfmkd.registry import HEADS
+from vfmkd.utils.state_dict import load_state_dict_strict
+
+__all__ = ["SAMMaskHead", "dice_loss"]
+
+logger = logging.getLogger(__name__)
+
+EMBED_STRIDE = 16
+DECODERS = ("sam", "sam2")
+# Official module prefixes in each family's checkpoint.
+CHECKPOINT_PREFIXES = {
+    "sam": ("prompt_encoder.", "mask_decoder."),
+    "sam2": ("sam_prompt_encoder.", "sam_mask_decoder."),
+}
+
+
+class _LayerNorm2d(nn.Module):
+    """LayerNorm over the channels of a ``[B, C, H, W]`` map (SAM's ``LayerNorm2d``)."""
+
+    def __init__(self, channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(1, keepdim=True)
+        variance = (x - mean).pow(2).mean(1, keepdim=True)
+        x = (x - mean) / torch.sqrt(variance + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+def _official_modules(decoder: str, embed_dim: int, depth: int, mlp_dim: int) -> tuple[nn.Module, nn.Module]:
+    """The official prompt encoder and mask decoder of a family, at its published sizes by default."""
+    # NOTE: imported here: segment_anything and sam2 are only needed when a mask head is built.
+    if decoder == "sam":
+        from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
+
+        prompt_encoder = PromptEncoder(
+            embed_dim=embed_dim, image_embedding_size=(64, 64), input_image_size=(1024, 1024), mask_in_chans=16
+        )
+        mask_decoder = MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=depth, embedding_dim=embed_dim, mlp_dim=mlp_dim, num_heads=8),
+            transformer_dim=embed_dim,
+            iou_head_depth=3,
+            iou_head_hidden_dim=256,
+        )
+        return prompt_encoder, mask_decoder
+    from sam2.modeling.sam.mask_decoder import MaskDecoder as SAM2MaskDecoder
+    from sam2.modeling.sam.prompt_encoder import PromptEncoder as SAM2PromptEncoder
+    from sam2.modeling.sam.transformer import TwoWayTransformer as SAM2TwoWayTransformer
+
+    prompt_encoder = SAM2PromptEncoder(
+        embed_dim=embed_dim, image_embedding_size=(64, 64), input_image_size=(1024, 1024), mask_in_chans=16
+    )
+    # NOTE: the settings of the SAM 2 / 2.1 model configs (sam2.1_hiera_*.yaml).
+    mask_decoder = SAM2MaskDecoder(
+        num_multimask_outputs=3,
+        transformer=SAM2TwoWayTransformer(depth=depth, embedding_dim=embed_dim, mlp_dim=mlp_dim, num_heads=8),
+        transformer_dim=embed_dim,
+        iou_head_depth=3,
+        iou_head_hidden_dim=256,
+        use_high_res_features=True,
+        iou_prediction_use_sigmoid=True,
+        pred_obj_scores=True,
+        pred_obj_scores_mlp=True,
+        use_multimask_token_for_obj_ptr=True,
+    )
+    return prompt_encoder, mask_decoder
+
+
+def dice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``1 - (2 |p t| + 1) / (|p| + |t| + 1)`` per mask, ``p = sigmoid(logits)``; ``[N]``."""
+    probabilities = logits.sigmoid().flatten(1)
+    targets = targets.flatten(1)
+    overlap = (probabilities * targets).sum(1)
+    return 1.0 - (2.0 * overlap + 1.0) / (probabilities.sum(1) + targets.sum(1) + 1.0)
+
+
+@HEADS.register("sam_mask_head")
+class SAMMaskHead(BaseHead):
+    """Promptable mask head: student maps -> SAM image embedding -> official prompt encoder and decoder.
+
+    Args:
+        feature_dims: Channels of every neck level.
+        feature_strides: Stride of every neck level.
+        decoder: ``sam`` (segment_anything's modules) or ``sam2`` (SAM 2's, with the
+            stride-4 and stride-8 maps).
+        in_features: Levels fused into the embedding.
+        init_from: An official SAM / SAM 2 checkpoint whose prompt encoder and decoder
+            are loaded (strictly), or None for random init.
+        train_prompt_encoder: Optimise the prompt encoder (frozen by default).
+        train_decoder: Optimise the mask decoder.
+        multimask: Decode three masks per prompt and train the best one (SAM's
+            ambiguity-aware loss); else one mask per prompt.
+        max_instances: Most prompted instances per image in training.
+        point_probability: Share of point prompts (the rest are box prompts).
+        bce_weight: Weight of the BCE term.
+        dice_weight: Weight of the Dice term.
+        iou_weight: Weight of the IoU-prediction MSE.
+        transformer_depth: Two-way transformer layers of the decoder (official: 2).
+        mlp_dim: Its MLP width (official: 2048).
+    """
+
+    loss_prefix = "seg/"
+    evaluators = ("prompt_miou",)
+
+    def __init__(
+        self,
+        feature_dims: Mapping[str, int],
+        feature_strides: Mapping[str, int],
+        *,
+        decoder: str = "sam",
+        in_features: Sequence[str] = ("p3", "p4", "p5"),
+        init_from: str | None = None,
+        train_prompt_encoder: bool = False,
+        train_decoder: bool = True,
+        multimask: bool = False,
+        max_instances: int = 8,
+        point_probability: float = 0.5,
+        bce_weight: float = 5.0,
+        dice_weight: float = 5.0,
+        iou_weight: float = 1.0,
+        transformer_depth: int = 2,
+        mlp_dim: int = 2048,
+    ) -> None:
+        super().__init__()
+        if decoder not in DECODERS:
+            raise ValueError(f"sam_mask_head: decoder must be one of {DECODERS}, got '{decoder}'")
+        missing = [level for level in in_features if level not in feature_dims]
+        if missing:
+            raise ValueError(f"sam_mask_head fuses {list(in_features)} but the neck lacks {missing} ({sorted(feature_dims)})")
+        self.decoder_type = decoder
+        self.in_features = tuple(in_features)
+        self.level_strides = {level: int(feature_strides[level]) for level in self.in_features}
+        self.embed_dim = 256
+        self.multimask = multimask
+        self.max_instances = max_instances
+        self.point_probability = point_probability
+        self.weights = {"bce": bce_weight, "dice": dice_weight, "iou": iou_weight}
+        self.projections = nn.ModuleDict(
+            {level: nn.Conv2d(int(feature_dims[level]), self.embed_dim, 1) for level in self.in_features}
+        )
+        self.neck = nn.Sequential(
+            nn.Conv2d(self.embed_dim, self.embed_dim, 1, bias=False),
+            _LayerNorm2d(self.embed_dim),
+            nn.Conv2d(self.embed_dim, self.embed_dim, 3, padding=1, bias=False),
+            _LayerNorm2d(self.embed_dim),
+        )
+        if decoder == "sam2":
+            finest = min(self.in_features, key=lambda level: self.level_strides[level])
+            self.hires_source = finest
+            self.hires_s8 = nn.Conv2d(int(feature_dims[finest]), self.embed_dim // 4, 1)
+            self.hires_s4 = nn.Sequential(
+                nn.ConvTranspose2d(int(feature_dims[finest]), self.embed_dim // 8, 2, stride=2),
+                nn.Conv2d(self.embed_dim // 8, self.embed_dim // 8, 3, padding=1),
+            )
+        self.prompt_encoder, self.mask_decoder = _official_modules(decoder, self.embed_dim, transformer_depth, mlp_dim)
+        if init_from:
+            self.load_official(init_from)
+        self.prompt_encoder.requires_grad_(train_prompt_encoder)
+        self.mask_decoder.requires_grad_(train_decoder)
+
+    @classmethod
+    def small_config(cls) -> dict[str, Any]:
+        """A small build for tests (one transformer layer, narrow MLP)."""
+        return {"transformer_depth": 1, "mlp_dim": 64, "max_instances": 4}
+
+    # ---------------------------------------------------------------- weights
+    def load_official(self, path: str | Path) -> None:
+        """Load the prompt encoder and mask decoder of an official SAM / SAM 2 checkpoint (strictly)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"sam_mask_head.init_from: no file {path}")
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        state = loaded.get("model", loaded) if isinstance(loaded, Mapping) else loaded
+        for prefix, module in zip(CHECKPOINT_PREFIXES[self.decoder_type], (self.prompt_encoder, self.mask_decoder)):
+            part = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+            load_state_dict_strict(
+                module,
+                part,
+                source=f"{path} ({prefix}*)",
+                hint=f"Is it an official {'SAM 2' if self.decoder_type == 'sam2' else 'SAM'} checkpoint (decoder: {self.decoder_type})?",
+            )
+        logger.info("sam_mask_head: prompt encoder and decoder loaded from %s", path)
+
+    # ----------------------------------------------------------------- maps
+    @property
+    def map_specs(self) -> dict[str, MapSpec]:
+        specs = {"embed": (self.embed_dim, EMBED_STRIDE)}
+        if self.decoder_type == "sam2":
+            specs["hires_s8"] = (self.embed_dim // 4, 8)
+            specs["hires_s4"] = (self.embed_dim // 8, 4)
+        return specs
+
+    def named_maps(self, outputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        return {name: outputs[name] for name in self.map_specs}
+
+    def forward(self, features: Mapping[str, torch.Tensor], **inputs: Any) -> dict[str, Any]:
+        """The image embedding (and SAM 2's high-resolution maps) of each image.
+
+        Returns:
+            ``embed [B, 256, H / 16, W / 16]``; with ``decoder: sam2`` also ``hires_s8
+            [B, 64, H / 8, W / 8]`` and ``hires_s4 [B, 32, H / 4, W / 4]``; and
+            ``input_size`` ``(H, W)``.
+        """
+        reference = features[self.in_features[0]]
+        stride = self.level_strides[self.in_features[0]]
+        input_size = (reference.shape[-2] * stride, reference.shape[-1] * stride)
+        grid = (input_size[0] // EMBED_STRIDE, input_size[1] // EMBED_STRIDE)
+        fused = 0
+        for level in self.in_features:
+            projected = self.projections[level](features[level])
+            if projected.shape[-2:] != grid:
+                ratio = EMBED_STRIDE // self.level_strides[level]
+                if ratio > 1 and projected.shape[-2] == grid[0] * ratio:
+                    projected = F.avg_pool2d(projected, ratio)
+                else:
+                    projected = F.interpolate(projected, size=grid, mode="bilinear", align_corners=False)
+            fused = fused + projected
+        outputs: dict[str, Any] = {"embed": self.neck(fused), "input_size": input_size}
+        if self.decoder_type == "sam2":
+            source = features[self.hires_source]
+            outputs["hires_s8"] = self.hires_s8(source)
+            outputs["hires_s4"] = self.hires_s4(source)
+        return outputs
+
+    # ---------------------------------------------------------------- decoding
+    def segment(self, outputs: Mapping[str, Any], prompts: Sequence[Mapping[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        """Masks for per-image prompts.
+
+        Args:
+            outputs: :meth:`forward`'s outputs.
+            prompts: per image, any of ``boxes [N, 4]`` xyxy input pixels, ``points
+                [N, K, 2]`` xy input pixels with ``point_labels [N, K]`` (1 positive, 0
+                negative, -1 padding), ``mask_input [N, 1, H / 4, W / 4]`` (a previous
+                ``low_res``).
+
+        Returns:
+            Per image ``masks [N, H, W]`` logits at input resolution, ``low_res [N, 1,
+            H / 4, W / 4]`` logits and ``iou [N]`` predicted IoU (the best of three masks
+            by predicted IoU when ``multimask``).
+        """
+        results = []
+        height, width = outputs["input_size"]
+        for index, image_prompts in enumerate(prompts):
+            count = _prompt_count(image_prompts)
+            if count == 0:
+                embedding = outputs["embed"]
+                results.append(
+                    {
+                        "masks": embedding.new_zeros((0, height, width), dtype=torch.float32),
+                        "low_res": embedding.new_zeros((0, 1, height // 4, width // 4), dtype=torch.float32),
+                        "iou": embedding.new_zeros((0,), dtype=torch.float32),
+                    }
+                )
+                continue
+            low_res, iou = self._decode(outputs, index, image_prompts)
+            if low_res.shape[1] > 1:
+                best = iou.argmax(dim=1)
+                rows = torch.arange(low_res.shape[0], device=low_res.device)
+                low_res, iou = low_res[rows, best][:, None], iou[rows, best][:, None]
+            masks = F.interpolate(low_res.float(), size=outputs["input_size"], mode="bilinear", align_corners=False)
+            results.append({"masks": masks[:, 0], "low_res": low_res, "iou": iou[:, 0]})
+        return results
+
+    def _decode(self, outputs: Mapping[str, Any], index: int, prompts: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Low-resolution logits ``[N, M, H / 4, W / 4]`` and IoUs ``[N, M]`` of one image's prompts."""
+        embedding = outputs["embed"][index : index + 1]
+        grid = tuple(embedding.shape[-2:])
+        self.prompt_encoder.image_embedding_size = grid
+        self.prompt_encoder.input_image_size = tuple(outputs["input_size"])
+        device = embedding.device
+        # NOTE: vfmkd puts pixel centres at i + 0.5; SAM's prompt encoders add the half pixel themselves.
+        boxes = prompts.get("boxes")
+        points = None
+        if prompts.get("points") is not None:
+            points = (prompts["points"].to(device, torch.float32) - 0.5, prompts["point_labels"].to(device, torch.int))
+        mask_input = prompts.get("mask_input")
+        sparse, dense = self.prompt_encoder(
+            points=points,
+            boxes=None if boxes is None else boxes.to(device, torch.float32) - 0.5,
+            masks=None if mask_input is None else mask_input.to(device, embedding.dtype),
+        )
+        arguments = dict(
+            image_embeddings=embedding,
+            image_pe=self.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=self.multimask,
+        )
+        if self.decoder_type == "sam2":
+            masks, iou, _, _ = self.mask_decoder(
+                **arguments,
+                repeat_image=True,
+                high_res_features=[outputs["hires_s4"][index : index + 1], outputs["hires_s8"][index : index + 1]],
+            )
+            return masks, iou
+        return self.mask_decoder(**arguments)
+
+    # ------------------------------------------------------------------ loss
+    def loss(self, outputs: Mapping[str, Any], targets: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """BCE + Dice on the masks of sampled prompts, MSE of the predicted IoU.
+
+        Args:
+            outputs: :meth:`forward`'s outputs.
+            targets: the batch's targets on the device, with ``masks`` (per image ``[n_i,
+                H, W]`` uint8), ``boxes``, ``batch_idx`` and ``has_labels``.
+        """
+        with torch.autocast(device_type=outputs["embed"].device.type, enabled=False):
+            prompts = sample_prompts(targets, max_instances=self.max_instances, point_probability=self.point_probability)
+            # NOTE: a zero-weighted tie gives every trainable parameter a gradient (an exact
+            # zero when unused), which DDP needs when a batch has no instance to prompt.
+            tie = 0.0 * sum(p.float().sum() for p in self.parameters() if p.requires_grad)
+            tie = tie + 0.0 * sum(outputs[name].float().sum() for name in self.map_specs)
+            if prompts.image_index.numel() == 0:
+                return {f"seg/{name}": tie for name in ("bce", "dice", "iou")}
+            logits, iou, targets_hw = self._prompted_masks(outputs, prompts, targets)
+            bce = F.binary_cross_entropy_with_logits(logits, targets_hw, reduction="none").flatten(1).mean(1)
+            dice = dice_loss(logits, targets_hw)
+            with torch.no_grad():
+                real_iou = _binary_iou(logits > 0, targets_hw > 0.5)
+            return {
+                "seg/bce": self.weights["bce"] * bce.mean() + tie,
+                "seg/dice": self.weights["dice"] * dice.mean(),
+                "seg/iou": self.weights["iou"] * F.mse_loss(iou, real_iou),
+            }
+
+    def _prompted_masks(
+        self, outputs: Mapping[str, Any], prompts: Prompts, targets: Mapping[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits ``[P, H, W]``, predicted IoUs ``[P]`` and target masks ``[P, H, W]`` of the prompts.
+
+        With ``multimask`` the output with the lowest BCE + Dice is trained (SAM's rule).
+        """
+        all_logits, all_iou, all_targets = [], [], []
+        # NOTE: box prompts and point prompts are decoded apart, as the official predictors
+        # take them (SAM embeds a box through its prompt encoder's box path only).
+        groups = prompts.image_index * 2 + prompts.has_box.long()
+        for group in groups.unique().tolist():
+            index = group // 2
+            rows = (groups == group).nonzero().flatten()
+            image_prompts = _image_prompts(prompts, rows)
+            low_res, iou = self._decode(outputs, index, image_prompts)
+            logits = F.interpolate(low_res.float(), size=outputs["input_size"], mode="bilinear", align_corners=False)
+            target = targets["masks"][index][prompts.instance[rows]].float()
+            if logits.shape[1] > 1:
+                per_output = [
+                    F.binary_cross_entropy_with_logits(logits[:, k], target, reduction="none").flatten(1).mean(1)
+                    + dice_loss(logits[:, k], target)
+                    for k in range(logits.shape[1])
+                ]
+                best = torch.stack(per_output, 1).argmin(1)
+                picked = torch.arange(len(rows), device=logits.device)
+                logits, iou = logits[picked, best], iou[picked, best]
+            else:
+                logits, iou = logits[:, 0], iou[:, 0]
+            all_logits.append(logits)
+            all_iou.append(iou.float())
+            all_targets.append(target)
+        return torch.cat(all_logits), torch.cat(all_iou), torch.cat(all_targets)
+
+    # --------------------------------------------------------------- predict
+    @torch.no_grad()
+    def predict(
+        self,
+        outputs: Mapping[str, Any],
+        batch: Mapping[str, Any] | None = None,
+        *,
+        prompts: Sequence[Mapping[str, torch.Tensor]] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Masks for given prompts; one empty dict per image without them.
+
+        Args:
+            outputs: :meth:`forward`'s outputs.
+            batch: the collated batch; with ``frames``, masks are mapped to the original
+                images.
+            prompts: per image prompts as for :meth:`segment` (input pixels).
+
+        Returns:
+            Per image ``masks`` (bool ``[N, H, W]``: original pixels with frames, else
+            input pixels) and ``mask_scores [N]`` (predicted IoU).
+        """
+        batch_size = outputs["embed"].shape[0]
+        if prompts is None:
+            return [{} for _ in range(batch_size)]
+        results = []
+        frames = None if batch is None or batch.get("frames") is None else [f[0] for f in batch["frames"]]
+        for index, decoded in enumerate(self.segment(outputs, prompts)):
+            masks = decoded["masks"]
+            masks = masks_to_original(masks, frames[index]) if frames is not None else masks > 0
+            results.append({"masks": masks, "mask_scores": decoded["iou"]})
+        return results
+
+
+def _image_prompts(prompts: Prompts, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The prompts of rows that all have a box or all have none, as :meth:`SAMMaskHead.segment` takes them.
+
+    Point columns that are padding in every row are dropped (no points at all: none given).
+    """
+    image_prompts: dict[str, torch.Tensor] = {}
+    if bool(prompts.has_box[rows].all()):
+        image_prompts["boxes"] = prompts.boxes[rows]
+    labels = prompts.point_labels[rows]
+    used = (labels != -1).any(dim=0)
+    if bool(used.any()):
+        image_prompts["points"] = prompts.points[rows][:, used]
+        image_prompts["point_labels"] = labels[:, used]
+    return image_prompts
+
+
+def _prompt_count(prompts: Mapping[str, torch.Tensor]) -> int:
+    """How many prompts an image's prompt dict holds."""
+    for key in ("boxes", "points", "mask_input"):
+        if prompts.get(key) is not None:
+            return int(prompts[key].shape[0])
+    return 0
+
+
+def _binary_iou(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """IoU of bool masks ``[N, H, W]`` pairwise; 1 when both are empty."""
+    intersection = (predicted & target).flatten(1).sum(1).float()
+    union = (predicted | target).flatten(1).sum(1).float()
+    return torch.where(union > 0, intersection / union.clamp(min=1), torch.ones_like(union))
