@@ -23,6 +23,7 @@ from pycocotools.coco import COCO
 from torch.utils.data import DataLoader
 
 from tests.conftest import SYNTHETIC_TRAIN_IMAGES, SYNTHETIC_VAL_IMAGES
+from tests.datasets.mask_checks import check_masks_follow_frames
 from vfmkd.datasets import (
     BUILTIN_SYNTHETIC,
     CocoDataset,
@@ -365,3 +366,28 @@ def test_collate_batches_the_samples(name: str, format_cases: dict[str, FormatCa
     loaded = next(iter(loader))
     assert torch.equal(loaded["images"], batch["images"]) and loaded["ids"] == batch["ids"]
     assert torch.equal(loaded["targets"]["boxes"], targets["boxes"])
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_masks_are_the_generators_and_follow_the_frames(
+    name: str, format_cases: dict[str, FormatCase], synthetic_project: Path
+) -> None:
+    dataset, _ = _build(format_cases, name, "train", train=True, load_masks=True, augment={"mosaic": 0.5})
+    shapes = COCO(str(synthetic_project / "datasets" / "shapes" / "annotations" / "instances_train.json"))
+    image_ids = {Path(image["file_name"]).stem: image["id"] for image in shapes.dataset["images"]}
+    for index, sample_id in enumerate(dataset.ids):
+        drawn = [shapes.annToMask(a) for a in shapes.loadAnns(shapes.getAnnIds(imgIds=image_ids[sample_id]))]
+        masks = dataset.load_raw(index)["masks"]
+        expected = np.stack(drawn) if dataset.has_labels else np.zeros((0, *drawn[0].shape), dtype=np.uint8)
+        assert masks.dtype == np.uint8
+        np.testing.assert_array_equal(masks, expected)
+    torch.manual_seed(0)
+    distances = [0.0]
+    for index in range(len(dataset)):
+        sample = dataset[index]
+        _check_sample_contract(sample, dataset, IMG_SIZE)
+        distances += check_masks_follow_frames(sample, dataset, IMG_SIZE)
+    assert len(distances) > len(dataset) or not dataset.has_labels
+    # NOTE: nearest sampling of a mosaic shrunk up to 5x misses the thinnest parts of a
+    # few objects (occluded slivers, star tips): their masks end short of their boxes.
+    assert np.mean(np.array(distances) <= 2.0) >= 0.9

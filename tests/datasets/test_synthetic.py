@@ -72,13 +72,16 @@ def test_coco_json_is_valid_and_matches_labels(shapes: Path) -> None:
             ys, xs = np.nonzero(mask)
             x, y, width, height = annotation["bbox"]
             assert (x, y, x + width, y + height) == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
-            label, cx, cy, w, h = (float(value) for value in line.split())
-            assert int(label) + 1 == annotation["category_id"]
+            # The label line is the visible mask traced along pixel edges: its extent is the
+            # bbox and it rasterises back to exactly the json's mask.
+            label, *coordinates = line.split()
+            assert int(label) + 1 == annotation["category_id"] and len(coordinates) % 2 == 0
+            polygon = np.array(coordinates, dtype=np.float64).reshape(-1, 2) * [info["width"], info["height"]]
             np.testing.assert_allclose(
-                [cx * info["width"], cy * info["height"], w * info["width"], h * info["height"]],
-                [x + width / 2, y + height / 2, width, height],
-                atol=1e-3 * max(info["width"], info["height"]),
+                [*polygon.min(axis=0), *polygon.max(axis=0)], [x, y, x + width, y + height], atol=1e-3
             )
+            traced = mask_utils.frPyObjects([polygon.ravel().tolist()], info["height"], info["width"])
+            np.testing.assert_array_equal(mask_utils.decode(traced)[:, :, 0], mask)
     assert kinds == {"rle", "polygon"} and occluded_or_cut > 0
 
 

@@ -5,7 +5,11 @@ returns samples after its transform as a dict:
 
 - ``image``: uint8 ``[3, H, W]``;
 - ``boxes``: float32 ``[N, 4]`` xyxy in input pixels; ``cls``: int64 ``[N]``;
-- ``masks``: uint8 ``[N, H, W]``, or None unless built with ``load_masks=True``;
+- ``masks``: uint8 ``[N, H, W]``, or None unless built with ``load_masks=True``: each
+  object's mask (COCO polygons or RLE, YOLO segmentation polygons; the box for a box-only
+  label) warped with the image through its frame (nearest); a box cut by the edge of
+  the visible region is the tight box of its visible mask;
+- ``frame_index``: int64 ``[N]``, the index into ``frames`` of each object's source image;
 - ``frames``: list of :class:`~vfmkd.geometry.Frame`, one per source image (up to 4
   for a mosaic; a mosaic tile that ends up invisible is left out);
 - ``tiles``: (x0, y0, x1, y1) input region each source image may fill (the whole input

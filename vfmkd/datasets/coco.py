@@ -5,6 +5,12 @@ Category ids need not be contiguous: they are sorted and mapped to labels ``0..K
 truth (:meth:`~vfmkd.datasets.folder.ImageDataset.coco_ground_truth`) uses the original
 ids. Crowd annotations (``iscrowd: 1``) are not training targets; they are kept so that
 evaluation ignores detections on them.
+
+Segmentations (polygons, compressed or uncompressed RLE) are checked when the file is
+read (:func:`~vfmkd.datasets.masks.clean_segment`): an annotation whose segmentation is
+unusable (RLE of another size, polygons of fewer than 3 points or without area, an empty
+mask) is dropped and reported with its id; an annotation without ``bbox`` takes the
+extent of its segmentation (a warning).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import numpy as np
 
 from vfmkd.datasets.folder import ImageDataset, ImageRecord, check_image_files
 from vfmkd.datasets.image_io import DatasetError, Problem
+from vfmkd.datasets.masks import clean_segment, segment_box
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +158,8 @@ def _annotation_problem(
             f"annotation {annotation.get('id')} has unknown category "
             f"{annotation.get('category_id')}; dropped"
         )
+    if annotation.get("bbox") is None and annotation.get("segmentation"):
+        return None  # the box comes from the segmentation
     if not _valid_box(annotation.get("bbox")):
         return f"annotation {annotation.get('id')} has an invalid bbox {annotation.get('bbox')}; dropped"
     return None
@@ -210,21 +219,43 @@ def _oriented_size(
     return None
 
 
-def _crowd_region(annotation: dict[str, Any], box: np.ndarray, label: int) -> dict[str, Any]:
+def _crowd_region(annotation: dict[str, Any], box: np.ndarray, segment: Any, label: int) -> dict[str, Any]:
     """A crowd annotation for evaluation: the clipped ``[4]`` xyxy ``box`` as an xywh bbox,
-    the contiguous ``label`` as its category."""
-    _, _, box_w, box_h = (float(value) for value in annotation["bbox"])
+    its checked ``segment``, the contiguous ``label`` as its category."""
+    box_w, box_h = float(box[2] - box[0]), float(box[3] - box[1])
     return {
-        "bbox": [
-            float(box[0]),
-            float(box[1]),
-            float(box[2] - box[0]),
-            float(box[3] - box[1]),
-        ],
+        "bbox": [float(box[0]), float(box[1]), box_w, box_h],
         "area": float(annotation.get("area", box_w * box_h)),
-        "segmentation": annotation.get("segmentation"),
+        "segmentation": segment,
         "category_id": label,
     }
+
+
+def _box_and_segment(
+    annotation: dict[str, Any], height: int, width: int, json_path: Path, problems: list[Problem]
+) -> tuple[np.ndarray, Any] | None:
+    """An annotation's ``[4]`` xyxy box clipped to the image and its checked segment (None
+    without one); None, reported in ``problems``, when it cannot be used."""
+    name = f"annotation {annotation.get('id')}"
+    segment = annotation.get("segmentation") or None
+    if segment is not None:
+        segment, message = clean_segment(segment, height, width)
+        if message is not None:
+            if segment is None:
+                problems.append(Problem(str(json_path), None, f"{name}: {message}; dropped"))
+                return None
+            problems.append(Problem(str(json_path), None, f"{name}: {message}", "warning"))
+    if annotation.get("bbox") is None:
+        message = f"{name} has no bbox; its box is its segmentation's extent"
+        problems.append(Problem(str(json_path), None, message, "warning"))
+        box = segment_box(segment, height, width)
+    else:
+        x, y, box_w, box_h = (float(value) for value in annotation["bbox"])
+        box = np.array([x, y, x + box_w, y + box_h]).clip([0, 0, 0, 0], [width, height, width, height])
+    if box[2] <= box[0] or box[3] <= box[1]:
+        problems.append(Problem(str(json_path), None, f"{name} lies outside its image; dropped"))
+        return None
+    return box, segment
 
 
 def _image_record(
@@ -236,7 +267,8 @@ def _image_record(
     json_path: Path,
     problems: list[Problem],
 ) -> ImageRecord:
-    """One image's record: boxes clipped to the image, crowd regions apart, boxes outside dropped.
+    """One image's record: boxes clipped to the image, crowd regions apart, unusable
+    annotations (outside the image, unusable segmentation) dropped.
 
     Args:
         image: the json's image entry.
@@ -245,31 +277,25 @@ def _image_record(
         annotations: its usable annotations.
         label_of: contiguous label of each original category id.
         json_path: the annotation file (named in problems).
-        problems: gets one entry per annotation dropped.
+        problems: gets one entry per annotation dropped or changed.
     """
     height, width, apply_exif = size
-    boxes, classes, segments, areas, crowd = [], [], [], [], []
+    boxes, classes, segments, areas, crowd, object_ids = [], [], [], [], [], []
     for annotation in annotations:
-        x, y, box_w, box_h = (float(value) for value in annotation["bbox"])
-        box = np.array([x, y, x + box_w, y + box_h]).clip([0, 0, 0, 0], [width, height, width, height])
+        usable = _box_and_segment(annotation, height, width, json_path, problems)
+        if usable is None:
+            continue
+        box, segment = usable
         label = label_of[annotation["category_id"]]
         if annotation.get("iscrowd", 0):
-            crowd.append(_crowd_region(annotation, box, label))
-            continue
-        if box[2] <= box[0] or box[3] <= box[1]:
-            problems.append(
-                Problem(
-                    str(json_path),
-                    None,
-                    f"annotation {annotation.get('id')} lies outside its image; dropped",
-                )
-            )
+            crowd.append(_crowd_region(annotation, box, segment, label))
             continue
         boxes.append(box)
         classes.append(label)
-        segmentation = annotation.get("segmentation")
-        segments.append(segmentation if segmentation else None)
-        areas.append(float(annotation.get("area", box_w * box_h)))
+        segments.append(segment)
+        areas.append(float(annotation.get("area", (box[2] - box[0]) * (box[3] - box[1]))))
+        identifier = annotation.get("id")
+        object_ids.append(identifier if isinstance(identifier, int) else -1)
     return ImageRecord(
         path,
         Path(str(image["file_name"])).with_suffix("").as_posix(),
@@ -281,6 +307,7 @@ def _image_record(
         areas=np.array(areas, dtype=np.float64),
         crowd=crowd,
         apply_exif=apply_exif,
+        object_ids=np.array(object_ids, dtype=np.int64),
     )
 
 
@@ -339,3 +366,10 @@ class CocoDataset(ImageDataset):
         self.category_ids: list[int] = list(category_ids)
         self.annotation_file = annotation_file
         self.image_dir = folder
+
+    def object_origin(self, index: int, object_index: int) -> str:
+        """``<annotation file>: annotation <id>`` of object ``object_index`` of record ``index``."""
+        object_ids = self.records[index].object_ids
+        if object_ids is None:
+            return super().object_origin(index, object_index)
+        return f"{self.annotation_file}: annotation {int(object_ids[object_index])}"

@@ -17,7 +17,6 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
 from vfmkd.datasets.image_io import (
@@ -28,15 +27,25 @@ from vfmkd.datasets.image_io import (
     is_image_file,
     load_image_rgb,
 )
+from vfmkd.datasets.masks import Segment, segment_to_mask
 from vfmkd.datasets.transforms import IdentityTransform
 
 logger = logging.getLogger(__name__)
 
 MAX_LOGGED_PROBLEMS = 10
 
-# A segment is a list of polygons (flat [x0, y0, x1, y1, ...] in original pixels) or a
-# COCO RLE dict; None means "no mask, use the box".
-Segment = list[list[float]] | dict[str, Any] | None
+__all__ = [
+    "FolderDataset",
+    "ImageDataset",
+    "ImageRecord",
+    "Segment",
+    "check_image_files",
+    "find_images",
+    "log_problems",
+    "sample_id",
+    "segment_to_mask",
+]
+
 Transform = Callable[[Any, int, np.random.Generator], dict[str, Any]]
 
 
@@ -51,13 +60,16 @@ class ImageRecord:
         width: image width.
         boxes: ``[N, 4]`` float32 xyxy training targets.
         cls: ``[N]`` int64 contiguous class indices.
-        segments: N segments (polygons or RLE; None for an object with only a box), or
-            None when no object has one.
+        segments: N segments (polygons or RLE, checked with
+            :func:`~vfmkd.datasets.masks.clean_segment`; None for an object with only a
+            box), or None when no object has one.
         areas: ``[N]`` float areas for evaluation (mask area where known, else box area).
         crowd: crowd regions, COCO annotation dicts (``bbox``, ``area``, ``segmentation``,
             ``category_id`` contiguous); never training targets, kept for evaluation.
         apply_exif: rotate as the EXIF orientation says when loading (False when the
             annotations were made on the stored pixels).
+        object_ids: ``[N]`` int64, where each object was read from (its COCO annotation
+            id, its YOLO label line), for messages; None when unknown.
     """
 
     path: Path
@@ -70,6 +82,7 @@ class ImageRecord:
     areas: np.ndarray | None = None
     crowd: list[dict[str, Any]] = field(default_factory=list)
     apply_exif: bool = True
+    object_ids: np.ndarray | None = None
 
 
 def sample_id(path: Path, root: Path) -> str:
@@ -117,28 +130,6 @@ def log_problems(problems: Sequence[Problem], source: str) -> None:
             source,
             source,
         )
-
-
-def segment_to_mask(segment: Segment, box: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Rasterise a segment (polygons, RLE or, when None, the box) to a ``[H, W]`` uint8 mask."""
-    if segment is None:
-        mask = np.zeros((height, width), dtype=np.uint8)
-        x0, y0 = int(np.floor(max(box[0], 0))), int(np.floor(max(box[1], 0)))
-        x1, y1 = int(np.ceil(min(box[2], width))), int(np.ceil(min(box[3], height)))
-        mask[y0:y1, x0:x1] = 1
-        return mask
-    if isinstance(segment, list):
-        polygons = [polygon for polygon in segment if len(polygon) >= 6]
-        if not polygons:
-            return segment_to_mask(None, box, height, width)
-        rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
-    elif isinstance(segment.get("counts"), list):
-        rle = mask_utils.frPyObjects(segment, height, width)
-    else:
-        rle = dict(segment)
-        if isinstance(rle["counts"], str):
-            rle["counts"] = rle["counts"].encode("ascii")
-    return np.ascontiguousarray(mask_utils.decode(rle), dtype=np.uint8)
 
 
 class ImageDataset(Dataset):
@@ -198,8 +189,26 @@ class ImageDataset(Dataset):
             raise DatasetError(
                 f"{source}: {duplicates} duplicate sample id(s); image paths must be unique per split"
             )
+        self._empty_masks: set[tuple[int, int]] = set()
+        if self.load_masks:
+            self._warn_box_only_masks()
         if cache_images:
             self._images = [self._decode(index) for index in range(len(self.records))]
+
+    def _warn_box_only_masks(self) -> None:
+        objects = sum(len(record.boxes) for record in self.records)
+        box_only = sum(
+            len(record.boxes) if record.segments is None else sum(s is None for s in record.segments)
+            for record in self.records
+        )
+        if box_only:
+            logger.warning(
+                "%s: %d of %d objects have no segmentation (box labels); with load_masks their "
+                "masks are their boxes",
+                self.source,
+                box_only,
+                objects,
+            )
 
     def __len__(self) -> int:
         return len(self.records)
@@ -243,20 +252,7 @@ class ImageDataset(Dataset):
         else:
             raise DatasetError(f"{self.source}: none of the {count} images can be decoded")
         record = self.records[current]
-        masks = None
-        if self.load_masks:
-            height, width = image.shape[:2]
-            segments = record.segments if record.segments is not None else [None] * len(record.boxes)
-            masks = (
-                np.stack(
-                    [
-                        segment_to_mask(segment, box, height, width)
-                        for segment, box in zip(segments, record.boxes)
-                    ]
-                )
-                if len(record.boxes)
-                else np.zeros((0, height, width), dtype=np.uint8)
-            )
+        masks = self._masks(current, *image.shape[:2]) if self.load_masks else None
         return {
             "image": image,
             "boxes": record.boxes.astype(np.float32).reshape(-1, 4),
@@ -265,6 +261,33 @@ class ImageDataset(Dataset):
             "id": record.id,
             "path": str(record.path),
         }
+
+    def _masks(self, index: int, height: int, width: int) -> np.ndarray:
+        """``[N, H, W]`` uint8 masks of record ``index``; a segment that rasterises to no
+        pixel (thinner than a pixel) gives an empty mask, reported once."""
+        record = self.records[index]
+        if not len(record.boxes):
+            return np.zeros((0, height, width), dtype=np.uint8)
+        segments = record.segments if record.segments is not None else [None] * len(record.boxes)
+        masks = np.stack(
+            [segment_to_mask(segment, box, height, width) for segment, box in zip(segments, record.boxes)]
+        )
+        for object_index in np.flatnonzero(~masks.reshape(len(masks), -1).any(axis=1)).tolist():
+            if (index, object_index) not in self._empty_masks:
+                self._empty_masks.add((index, object_index))
+                logger.warning(
+                    "%s: its mask has no pixel in the %dx%d image (a segment thinner than a pixel); "
+                    "the object keeps its box, its mask stays empty (no mask prompts)",
+                    self.object_origin(index, object_index),
+                    height,
+                    width,
+                )
+        return masks
+
+    def object_origin(self, index: int, object_index: int) -> str:
+        """Where object ``object_index`` of record ``index`` was read from, for messages."""
+        record = self.records[index]
+        return f"{record.path}: object {object_index}"
 
     @property
     def mosaic_active(self) -> bool:
@@ -281,7 +304,9 @@ class ImageDataset(Dataset):
         """The transformed sample (see :mod:`vfmkd.datasets` for its keys)."""
         # Drawn from torch's generator so DataLoader worker seeding makes runs repeatable.
         seed = int(torch.randint(0, 2**62, (1,)).item())
-        return self.transform(self, index, np.random.default_rng(seed))
+        sample = self.transform(self, index, np.random.default_rng(seed))
+        sample["has_labels"] = self.has_labels
+        return sample
 
     def coco_ground_truth(self) -> dict[str, Any]:
         """COCO-format ground truth in original image pixels.

@@ -10,9 +10,14 @@ object is labelled. A box is the tight box of the visible mask.
 Output (Ultralytics layout plus COCO json)::
 
     OUT/images/{train,val}/000000.jpg
-    OUT/labels/{train,val}/000000.txt          cls cx cy w h (normalised)
+    OUT/labels/{train,val}/000000.txt          cls x1 y1 x2 y2 ... (normalised polygons)
     OUT/annotations/instances_{train,val}.json polygons for whole objects, RLE otherwise
     OUT/data.yaml                              path: ., train, val, names
+
+Both layouts give the same masks: a YOLO label line is the visible mask traced along
+pixel edges (:func:`~vfmkd.datasets.masks.mask_to_polygon`; parts and holes joined by
+zero-width bridges), which rasterises back to exactly that mask and whose extent is
+the tight box of the json's ``bbox``.
 
 Generation is deterministic for a seed (byte-identical files) and atomic: the set is
 written to a temporary folder beside OUT and renamed into place.
@@ -33,6 +38,8 @@ import numpy as np
 import yaml
 from PIL import Image
 from pycocotools import mask as mask_utils
+
+from vfmkd.datasets.masks import mask_to_polygon
 
 logger = logging.getLogger(__name__)
 
@@ -250,13 +257,9 @@ def _write_split(
         images.append({"id": image_id, "file_name": f"{name}.jpg", "height": height, "width": width})
         lines = []
         for drawn in objects:
-            annotation = _annotation(drawn, len(annotations) + 1, image_id)
-            annotations.append(annotation)
-            x, y, box_w, box_h = annotation["bbox"]
-            lines.append(
-                f"{drawn['label']} {(x + box_w / 2) / width:.6f} {(y + box_h / 2) / height:.6f} "
-                f"{box_w / width:.6f} {box_h / height:.6f}"
-            )
+            annotations.append(_annotation(drawn, len(annotations) + 1, image_id))
+            polygon = np.array(mask_to_polygon(drawn["mask"])).reshape(-1, 2) / np.array([width, height])
+            lines.append(" ".join([str(drawn["label"]), *(f"{value:.6f}" for value in polygon.ravel())]))
         (label_dir / f"{name}.txt").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     coco = {
         "info": {"description": f"vfmkd synthetic shapes, seed {seed}, split {split}"},

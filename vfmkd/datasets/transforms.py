@@ -211,25 +211,45 @@ def _round_region(region: Box, out_hw: tuple[int, int]) -> tuple[int, int, int, 
 
 
 def _fit_boxes_to_masks(
-    boxes: np.ndarray, mapped: np.ndarray, masks: np.ndarray, origin: tuple[int, int]
-) -> None:
+    boxes: np.ndarray,
+    mapped: np.ndarray,
+    masks: np.ndarray,
+    origin: tuple[int, int],
+    min_box_size: float,
+    min_area_ratio: float,
+) -> np.ndarray:
     """Replace, in place, each box that clipping cut by the tight box of its visible mask.
 
     A clipped box of a non-rectangular object is wider than its visible part; the warped
-    mask knows better.
+    mask knows better. A cut object whose visible mask is empty (only the empty corner of
+    its box is left) is not in the input at all, and one whose fitted box fails
+    :func:`box_candidates` is too small a remnant: both are dropped.
 
     Args:
         boxes: ``[N, 4]`` xyxy boxes clipped to the visible region (input pixels); changed.
         mapped: ``[N, 4]`` the same boxes before clipping.
         masks: ``[N, h, w]`` uint8 masks warped into the tile.
         origin: (x0, y0) of the tile in the input.
+        min_box_size: see :func:`box_candidates`.
+        min_area_ratio: see :func:`box_candidates`.
+
+    Returns:
+        ``[N]`` bool, the objects kept.
     """
     x0, y0 = origin
+    keep = np.ones(len(boxes), dtype=bool)
     cut = np.flatnonzero(np.abs(boxes - mapped).max(axis=1) > 1e-6)
     for row in cut:
         tight = _mask_box(masks[row])
-        if tight is not None:
+        if tight is None:
+            keep[row] = False
+        else:
             boxes[row] = tight + np.array([x0, y0, x0, y0])
+    if len(cut):
+        keep[cut] &= box_candidates(
+            mapped[cut], boxes[cut], min_size=min_box_size, min_area_ratio=min_area_ratio
+        )
+    return keep
 
 
 def _render_source(
@@ -257,7 +277,7 @@ def _render_source(
 
     Returns:
         ``[N, 4]`` xyxy boxes in input pixels, ``[N]`` int64 classes, and ``[N, H, W]``
-        uint8 masks (None without masks), for the N boxes kept.
+        uint8 masks (None without masks), for the N objects kept.
     """
     x0, y0, x1, y1 = tile
     out_h, out_w = canvas.shape[:2]
@@ -274,13 +294,14 @@ def _render_source(
     clipped = _clip_boxes(mapped, region)
     keep = box_candidates(mapped, clipped, min_size=min_box_size, min_area_ratio=min_area_ratio)
     kept_boxes = clipped[keep]
-    full = None
-    if with_masks:
-        masks = warp_masks(np.asarray(raw["masks"], dtype=np.uint8)[keep], to_tile, (y1 - y0, x1 - x0))
-        _fit_boxes_to_masks(kept_boxes, mapped[keep], masks, (x0, y0))
-        full = np.zeros((len(masks), out_h, out_w), dtype=np.uint8)
-        full[:, y0:y1, x0:x1] = masks
-    return kept_boxes, np.asarray(raw["cls"], dtype=np.int64)[keep], full
+    classes = np.asarray(raw["cls"], dtype=np.int64)[keep]
+    if not with_masks:
+        return kept_boxes, classes, None
+    masks = warp_masks(np.asarray(raw["masks"], dtype=np.uint8)[keep], to_tile, (y1 - y0, x1 - x0))
+    visible = _fit_boxes_to_masks(kept_boxes, mapped[keep], masks, (x0, y0), min_box_size, min_area_ratio)
+    full = np.zeros((int(visible.sum()), out_h, out_w), dtype=np.uint8)
+    full[:, y0:y1, x0:x1] = masks[visible]
+    return kept_boxes[visible], classes[visible], full
 
 
 def _stack_targets(
@@ -325,8 +346,9 @@ def render_sample(
 
     Each source image is warped once, into its tile (whole pixels); its boxes are mapped
     by its frame, clipped to the frame's valid region within the tile and filtered with
-    :func:`box_candidates`; its masks (when loaded) are warped the same way, and a box
-    that was cut by clipping becomes the tight box of its visible mask.
+    :func:`box_candidates`; its masks (when loaded) are warped the same way (nearest), and
+    a box that was cut by clipping becomes the tight box of its visible mask (an object
+    cut down to an empty or too small visible mask is dropped).
 
     Args:
         raws: raw samples (``load_raw`` dicts), one per source image.
@@ -343,7 +365,7 @@ def render_sample(
     out_h, out_w = out_hw
     canvas = np.full((out_h, out_w, 3), fill, dtype=np.uint8)
     with_masks = raws[0].get("masks") is not None
-    all_boxes, all_classes = [], []
+    all_boxes, all_classes, all_frame_indices = [], [], []
     all_masks: list[np.ndarray] | None = [] if with_masks else None
     kept_frames, kept_tiles, source_ids, source_paths = [], [], [], []
     for raw, frame, tile in zip(raws, frames, tiles, strict=True):
@@ -364,6 +386,7 @@ def render_sample(
             all_masks.append(masks)
         all_boxes.append(boxes)
         all_classes.append(classes)
+        all_frame_indices.append(np.full(len(classes), len(kept_frames), dtype=np.int64))
         kept_frames.append(frame)
         kept_tiles.append((float(x0), float(y0), float(x1), float(y1)))
         source_ids.append(raw["id"])
@@ -375,6 +398,9 @@ def render_sample(
         "boxes": boxes_tensor,
         "cls": classes_tensor,
         "masks": masks_tensor,
+        "frame_index": torch.from_numpy(
+            np.concatenate(all_frame_indices) if all_frame_indices else np.zeros((0,), dtype=np.int64)
+        ),
         "frames": kept_frames,
         "tiles": kept_tiles,
         "source_ids": source_ids,

@@ -8,8 +8,10 @@ id -> name) and optionally ``nc``.
 The label file of an image is its path with the last ``images`` component replaced by
 ``labels`` and the suffix by ``.txt``. A line is ``cls cx cy w h`` (normalised) or a
 polygon ``cls x1 y1 x2 y2 ...`` (normalised, at least 3 points), whose box is the
-polygon's extent. A malformed line is reported with ``file:line`` and dropped; a missing
-label file means an image without objects.
+polygon's extent (Ultralytics' segmentation labels; with ``load_masks`` the polygon is the
+object's mask, a box line's mask is its box). A malformed line (a polygon of fewer than
+3 points, or without area, included) is reported with ``file:line`` and dropped; a
+missing or empty label file means an image without objects.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import yaml
 
 from vfmkd.datasets.folder import ImageDataset, ImageRecord, check_image_files, find_images
 from vfmkd.datasets.image_io import DatasetError, Problem, is_image_file
+from vfmkd.datasets.masks import polygon_is_flat
 
 logger = logging.getLogger(__name__)
 
@@ -188,6 +191,8 @@ def _parse_label_line(fields: list[str], num_classes: int) -> tuple[np.ndarray, 
         )
     else:
         polygon = values.reshape(-1, 2)
+        if polygon_is_flat(polygon):
+            return "the polygon has no area (its points lie on a line)"
         box = np.concatenate([polygon.min(axis=0), polygon.max(axis=0)])
     if box.min() < -COORDINATE_TOLERANCE or box.max() > 1 + COORDINATE_TOLERANCE:
         return "coordinates are not normalised to [0, 1]"
@@ -199,7 +204,7 @@ def _parse_label_line(fields: list[str], num_classes: int) -> tuple[np.ndarray, 
 
 def parse_label_file(
     path: Path, num_classes: int, problems: list[Problem]
-) -> tuple[np.ndarray, np.ndarray, list[np.ndarray | None]]:
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray | None], np.ndarray]:
     """Parse one YOLO label file; malformed lines are reported with ``file:line`` and dropped.
 
     Args:
@@ -208,10 +213,10 @@ def parse_label_file(
         problems: list the problems are appended to.
 
     Returns:
-        ``[N, 4]`` normalised xyxy boxes, ``[N]`` int64 classes, and per object the
-        ``[K, 2]`` normalised polygon or None for box lines.
+        ``[N, 4]`` normalised xyxy boxes, ``[N]`` int64 classes, per object the ``[K, 2]``
+        normalised polygon or None for box lines, and ``[N]`` int64 1-based line numbers.
     """
-    empty = (np.zeros((0, 4)), np.zeros((0,), dtype=np.int64), [])
+    empty = (np.zeros((0, 4)), np.zeros((0,), dtype=np.int64), [], np.zeros((0,), dtype=np.int64))
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -221,7 +226,7 @@ def parse_label_file(
             Problem(str(path), None, f"cannot read the label file ({error}); image kept without objects")
         )
         return empty
-    boxes, classes, polygons = [], [], []
+    boxes, classes, polygons, line_numbers = [], [], [], []
     for line_number, line in enumerate(text.splitlines(), start=1):
         fields = line.split()
         if not fields:
@@ -233,9 +238,11 @@ def parse_label_file(
         boxes.append(parsed[0])
         classes.append(parsed[1])
         polygons.append(parsed[2])
+        line_numbers.append(line_number)
     if not boxes:
         return empty
-    return np.stack(boxes), np.array(classes, dtype=np.int64), polygons
+    lines = np.array(line_numbers, dtype=np.int64)
+    return np.stack(boxes), np.array(classes, dtype=np.int64), polygons, lines
 
 
 def _polygon_area(points: np.ndarray) -> float:
@@ -257,7 +264,7 @@ def build_yolo_records(
     for path, height, width in check_image_files([path for path, _ in pairs], problems):
         label_file = label_path_for(path)
         labelled += label_file.exists()
-        boxes, classes, polygons = parse_label_file(label_file, num_classes, problems)
+        boxes, classes, polygons, line_numbers = parse_label_file(label_file, num_classes, problems)
         scale = np.array([width, height, width, height], dtype=np.float64)
         pixel_boxes = (boxes * scale).astype(np.float32).reshape(-1, 4)
         segments = None
@@ -274,7 +281,17 @@ def build_yolo_records(
                 segments.append([pixels.ravel().tolist()])
                 areas[index] = _polygon_area(pixels)
         records.append(
-            ImageRecord(path, ids[path], height, width, pixel_boxes, classes, segments=segments, areas=areas)
+            ImageRecord(
+                path,
+                ids[path],
+                height,
+                width,
+                pixel_boxes,
+                classes,
+                segments=segments,
+                areas=areas,
+                object_ids=line_numbers,
+            )
         )
     if records and not labelled:
         problems.append(
@@ -309,3 +326,10 @@ class YoloDataset(ImageDataset):
         super().__init__(records, data["names"], problems=problems, **kwargs)
         self.data_yaml = data_yaml
         self.split = split
+
+    def object_origin(self, index: int, object_index: int) -> str:
+        """``<label file>:<line>`` of object ``object_index`` of record ``index``."""
+        record = self.records[index]
+        if record.object_ids is None:
+            return super().object_origin(index, object_index)
+        return f"{label_path_for(record.path)}:{int(record.object_ids[object_index])}"
