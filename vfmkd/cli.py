@@ -24,6 +24,9 @@ from typing import Any, Callable, Sequence
 
 from vfmkd.errors import run_with_user_errors
 
+# NOTE: each command imports what it runs inside its handler: `vfmkd --help` and the light
+# commands then start without loading torch models, teachers and data code.
+
 logger = logging.getLogger("vfmkd")
 
 DEMO_CONFIG = "configs/experiments/yolov8n_sam2_shapes_demo.yaml"

@@ -64,3 +64,28 @@ def test_the_default_map_is_a_neck_level_and_unknown_maps_are_named(synthetic_da
     assert [term.level for term in default.terms] == ["p4"]  # stride 16, like the teacher's embed
     with pytest.raises(ConfigError, match=r"student has no map 'backbone\.p9' \(maps: p3, p4, p5, backbone\.p3"):
         build_distiller(_config(synthetic_data_yaml, "backbone.p9"), student)
+
+
+def test_a_head_map_is_distilled(synthetic_data_yaml) -> None:
+    torch.manual_seed(0)
+    config = validate_config(
+        {
+            "model": {"backbone": {"type": "yolov8", "scale": "n"},
+                      "heads": {"segmentation": {"type": "sam_mask_head", "transformer_depth": 1, "mlp_dim": 32}}},
+            "teachers": {"probe": {"name": "covariant_probe", "allow_random_init": True, "image_size": 128}},
+            "distillation": {"offline_ratio": 0.0,
+                             "losses": {"probe": {"type": "mse", "teacher": "probe", "student": "segmentation.embed"}}},
+            "data": {"dataset": str(synthetic_data_yaml), "img_size": IMG_SIZE, "batch_size": 2, "num_workers": 0},
+        }
+    )
+    student = build_model(config.to_dict()["model"])
+    distiller = build_distiller(config, student)
+    (term,) = distiller.terms
+    assert (term.level, term.student_channels, term.student_stride) == ("segmentation.embed", 256, 16)
+    dataset = DistillationDataset(build_dataset(config.data, "train", train=False), distiller.teachers.offline_plans())
+    batch = batch_to_device(TeacherFeatureCollate()([dataset[0], dataset[1]]), torch.device("cpu"))
+    losses = DistilledModel(student, distiller, task_losses=False)(batch)
+    value = losses["distill/probe/embed<-segmentation.embed"]
+    value.backward()
+    head = student.heads["segmentation"]
+    assert torch.isfinite(value) and head.neck[0].weight.grad.abs().sum() > 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -41,13 +42,14 @@ from vfmkd.distillation.fidelity import FidelityEvaluator
 from vfmkd.distillation.sources import DistillationDataset, TeacherFeatureCollate
 from vfmkd.evaluation import Evaluator
 from vfmkd.models import build_model
-from vfmkd.registry import EVALUATORS
+from vfmkd.registry import EVALUATORS, HEADS
 
 __all__ = [
     "build_evaluators",
     "build_trainer",
     "build_training_model",
     "default_hooks",
+    "prepare_config",
     "setup_process",
 ]
 
@@ -72,6 +74,42 @@ def setup_process(config: ExperimentConfig) -> ProcessContext:
         torch.backends.cudnn.benchmark = True
     seed_everything(settings.seed)
     return process
+
+
+def prepare_config(config: ExperimentConfig) -> ExperimentConfig:
+    """The config as the run uses it (a copy when something changes).
+
+    Instance masks are loaded when a head trains on them (``needs_masks``), and a head's
+    ``init_from: teacher`` becomes the ``model_path`` of the enabled teacher of its
+    decoder's family (SAM or SAM 2); without one (random teachers) the head starts from
+    random weights, with a warning.
+    """
+    heads = config.model.heads
+    prepared = config.model_copy(deep=True)
+    masks_needed = [name for name, head in heads.items() if getattr(HEADS.get(head.get("type", "")), "needs_masks", False)]
+    if masks_needed and not config.data.load_masks:
+        logger.info("data.load_masks: on, for the %s head(s)", ", ".join(masks_needed))
+        prepared.data.load_masks = True
+    for name, head in prepared.model.heads.items():
+        if head.get("init_from") == "teacher":
+            head["init_from"] = _family_teacher_weights(config, name, head.get("decoder", "sam"))
+    return prepared
+
+
+def _family_teacher_weights(config: ExperimentConfig, head_name: str, family: str) -> str | None:
+    where = f"model.heads.{head_name}.init_from"
+    for key, teacher in config.teachers.items():
+        name = teacher.name or key
+        teacher_family = "sam2" if name.startswith("sam2") else "sam" if name.startswith("sam") else None
+        if teacher.enabled and teacher_family == family:
+            if teacher.model_path and Path(teacher.model_path).is_file():
+                return teacher.model_path
+            logger.warning("%s: teacher '%s' has no weights file; the mask decoder starts from random weights", where, key)
+            return None
+    raise ConfigError(
+        f"{where}: 'teacher' needs an enabled {family.upper()}-family teacher in 'teachers' "
+        f"(have: {', '.join(config.teachers) or 'none'}); or give a checkpoint path"
+    )
 
 
 def build_training_model(
@@ -195,6 +233,7 @@ def build_trainer(
         hooks: extra hooks, called after the default ones.
         trainer_class: a :class:`Trainer` subclass to build.
     """
+    config = prepare_config(config)
     process = setup_process(config)
     if model is None:
         model = build_model(config.to_dict()["model"])

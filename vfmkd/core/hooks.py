@@ -224,8 +224,9 @@ class EvalHook(Hook):
 
     One pass over the validation set feeds every evaluator (rank 0 only; other ranks
     wait). Sets ``trainer.metrics`` with a ``fitness`` (COCO's ``0.1 mAP50 + 0.9 mAP``
-    when there is a mAP, else the mean fidelity cosine: without labels the best
-    checkpoint is the one closest to its teachers), and ``trainer.improved``.
+    when there is a mAP, else the box-prompt mIoU of a mask head, else the mean fidelity
+    cosine: without labels the best checkpoint is the one closest to its teachers), and
+    ``trainer.improved``.
 
     Args:
         dataset: the validation data set, or None (no evaluation).
@@ -297,6 +298,8 @@ class EvalHook(Hook):
 def _fitness(metrics: Mapping[str, Any]) -> float:
     if "mAP" in metrics:
         return fitness(dict(metrics))
+    if "miou/box" in metrics and metrics["miou/box"] == metrics["miou/box"]:
+        return float(metrics["miou/box"])
     cosines = [value for name, value in metrics.items() if name.endswith("/cosine")]
     return sum(cosines) / len(cosines) if cosines else 0.0
 

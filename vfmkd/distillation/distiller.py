@@ -160,7 +160,11 @@ def _finite_sum(values: Any) -> torch.Tensor:
     """Sum of every tensor in nested lists / tuples / dicts, non-finite entries as 0 (a float32 scalar)."""
     if torch.is_tensor(values):
         return values.float().nan_to_num(0.0, 0.0, 0.0).sum()
-    sums = [_finite_sum(item) for item in (values.values() if isinstance(values, Mapping) else values)]
+    if isinstance(values, Mapping):
+        values = list(values.values())
+    if not isinstance(values, (list, tuple)):
+        return torch.zeros(())  # a plain value (a size, a flag): nothing to tie
+    sums = [_finite_sum(item) for item in values]
     return torch.stack(sums).sum() if sums else torch.zeros(())
 
 

@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from vfmkd.datasets.collate import collate_samples
+from vfmkd.features.store import FeatureStore
 from vfmkd.geometry import Frame, merge_tiles, warp_features_batch
 
 OFFLINE_KEY = "teacher_offline"
@@ -115,8 +116,6 @@ class DistillationDataset(Dataset):
         # Opened lazily in each worker process: memory maps do not cross a fork well.
         store = self._stores.get(plan.teacher)
         if store is None:
-            from vfmkd.features.store import FeatureStore
-
             store = self._stores[plan.teacher] = FeatureStore.open(plan.store_path)
         return store
 

@@ -240,7 +240,8 @@ def build_model(model_cfg: Mapping[str, Any]) -> UnifiedModel:
 
     Returns:
         The model, with ``model.config`` holding the resolved config (backbone YAML merged,
-        default neck filled in, ``weights`` dropped since they are in the model's state).
+        default neck filled in, ``weights`` and heads' ``init_from`` dropped since they are
+        in the model's state).
     """
     unknown = sorted(set(model_cfg) - set(_MODEL_KEYS))
     if unknown:
@@ -268,7 +269,9 @@ def build_model(model_cfg: Mapping[str, Any]) -> UnifiedModel:
             HEADS, f"heads.{name}", head_cfg, feature_dims=neck.feature_dims, feature_strides=neck.feature_strides
         )
 
-    resolved = {"backbone": backbone_cfg, "neck": copy.deepcopy(neck_cfg), "heads": copy.deepcopy(dict(heads_cfg))}
+    # NOTE: like `weights`, a head's `init_from` is in the model's state once built.
+    resolved_heads = {name: {k: v for k, v in head.items() if k != "init_from"} for name, head in heads_cfg.items()}
+    resolved = {"backbone": backbone_cfg, "neck": copy.deepcopy(neck_cfg), "heads": copy.deepcopy(resolved_heads)}
     model = UnifiedModel(backbone=backbone, neck=neck, heads=heads, config=resolved)
     weights = model_cfg.get("weights")
     if weights:

@@ -42,6 +42,8 @@ class BaseHead(nn.Module, abc.ABC):
     loss_prefix: ClassVar[str] = ""
     #: Evaluator names (``vfmkd.registry.EVALUATORS``) that score this head's predictions.
     evaluators: ClassVar[tuple[str, ...]] = ()
+    #: Whether the head trains on instance masks (the builder then loads them with the data).
+    needs_masks: ClassVar[bool] = False
 
     @abc.abstractmethod
     def forward(self, features: Mapping[str, torch.Tensor], **inputs: Any) -> Any:

@@ -134,7 +134,8 @@ class SAMMaskHead(BaseHead):
             stride-4 and stride-8 maps).
         in_features: Levels fused into the embedding.
         init_from: An official SAM / SAM 2 checkpoint whose prompt encoder and decoder
-            are loaded (strictly), or None for random init.
+            are loaded (strictly), or None for random init. In an experiment config,
+            ``teacher`` means the ``model_path`` of the enabled SAM-family teacher.
         train_prompt_encoder: Optimise the prompt encoder (frozen by default).
         train_decoder: Optimise the mask decoder.
         multimask: Decode three masks per prompt and train the best one (SAM's
@@ -150,6 +151,7 @@ class SAMMaskHead(BaseHead):
 
     loss_prefix = "seg/"
     evaluators = ("prompt_miou",)
+    needs_masks = True
 
     def __init__(
         self,
