@@ -10,6 +10,7 @@ from torch import nn
 
 from vfmkd.config import validate_config
 from vfmkd.utils import distributed
+from vfmkd.core.build import build_trainer
 from vfmkd.core.trainer import Trainer
 from vfmkd.geometry import Frame
 
@@ -114,7 +115,7 @@ class _NanOnRankOne:
 
 def _train(output_dir: str, name: str, batch_size: int, loss_fn=_per_image_mean_loss) -> Trainer:
     torch.manual_seed(0)
-    trainer = Trainer(
+    trainer = build_trainer(
         _config(output_dir, name, batch_size),
         model=_NoNormModel(),
         train_dataset=_Dataset(),
