@@ -4,7 +4,6 @@ import pytest
 
 from vfmkd.config import validate_config
 from vfmkd.core.build import build_trainer
-from vfmkd.core.trainer import Trainer
 from vfmkd.datasets.synthetic import generate_synthetic_dataset
 
 
@@ -22,7 +21,7 @@ def test_yolov8n_learns_eight_builtin_images(tmp_path, monkeypatch):
             "data": {"dataset": str(data_yaml), "val_split": "train", "img_size": 128,
                      "batch_size": 8, "num_workers": 0, "augment": no_augmentation},
             "train": {"max_steps": 250, "optimizer": "adamw", "lr": 0.002, "warmup_steps": 10,
-                      "ema_tau": 50, "eval_interval": 1000, "log_interval": 50,
+                      "ema_tau": 50, "eval_interval": 1000, "save_interval": 1000, "log_interval": 50,
                       "output_dir": str(tmp_path / "runs"), "seed": 0},
         }
     )

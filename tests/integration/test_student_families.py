@@ -11,7 +11,6 @@ import pytest
 
 from vfmkd.config import load_config
 from vfmkd.core.build import build_trainer
-from vfmkd.core.trainer import Trainer
 from vfmkd.datasets import build_dataset
 from vfmkd.features.extract import extract_features
 from vfmkd.teachers import build_teacher
