@@ -132,6 +132,7 @@ def test_collate_batches_targets_and_frames(synthetic_project: Path) -> None:
     )
     assert batch["targets"]["cls"].dtype == torch.int64
     assert [len(masks) for masks in batch["targets"]["masks"]] == counts
+    assert batch["targets"]["frame_index"].tolist() == sum((sample["frame_index"].tolist() for sample in samples), [])
     assert [len(frames) for frames in batch["frames"]] == [len(tiles) for tiles in batch["tiles"]]
     assert batch["ids"] == [sample["id"] for sample in samples] and len(batch["orig_sizes"]) == 4
 

@@ -17,9 +17,10 @@ def collate_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
         ``images`` uint8 ``[B, 3, H, W]``; ``targets`` (every label of the batch, moved
         to the device with it) with ``batch_idx`` int64 ``[N]``, ``cls`` int64 ``[N]`` and
         ``boxes`` float32 ``[N, 4]`` (xyxy input pixels), N the objects of the whole
-        batch, ``has_labels`` bool ``[B]`` (False for a sample without annotations: heads
-        leave it out of their losses) and ``masks``: per image uint8 ``[n_i, H, W]`` (None
-        when no sample has masks); ``frames``, ``tiles``, ``source_ids``: per image lists;
+        batch, ``frame_index`` int64 ``[N]`` (which of its image's ``frames`` each object
+        came from: the mosaic tile; when the samples give it), ``has_labels`` bool ``[B]``
+        (False for a sample without annotations: heads leave it out of their losses) and
+        ``masks``: per image uint8 ``[n_i, H, W]`` (None when no sample has masks); ``frames``, ``tiles``, ``source_ids``: per image lists;
         ``ids``, ``paths``, ``orig_sizes``: per image.
     """
     if not samples:
@@ -31,6 +32,8 @@ def collate_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "boxes": torch.cat([sample["boxes"].reshape(-1, 4).to(torch.float32) for sample in samples]),
         "has_labels": torch.tensor([bool(sample.get("has_labels", True)) for sample in samples]),
     }
+    if all("frame_index" in sample for sample in samples):
+        targets["frame_index"] = torch.cat([sample["frame_index"].reshape(-1).to(torch.int64) for sample in samples])
     with_masks = any(sample.get("masks") is not None for sample in samples)
     targets["masks"] = [sample.get("masks") for sample in samples] if with_masks else None
     return {
