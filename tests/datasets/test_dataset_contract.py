@@ -253,11 +253,6 @@ def test_eval_sample_is_the_letterboxed_image_and_its_targets(
         assert [dataset.names[label] for label in sample["cls"]] == expected_names
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="warp_image box-reduces by an integer factor first; Image.reduce keeps a partial last block "
-    "that the composed matrix treats as a full one, so content spills past frame.valid (vfmkd bug)",
-)
 @pytest.mark.parametrize("name", FORMATS)
 def test_letterbox_content_stays_inside_frame_valid(name: str, format_cases: dict[str, FormatCase]) -> None:
     dataset, _ = _build(format_cases, name, "val", train=False)

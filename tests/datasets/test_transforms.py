@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from vfmkd.datasets.transforms import (
+    PAD_VALUE,
     EvalTransform,
     TrainTransform,
     hsv_jitter,
@@ -223,3 +224,17 @@ def test_render_sample_without_masks_and_invisible_tiles() -> None:
     sample = render_sample([raw, raw], [frame, hidden], [(0, 0, 40, 40), (0, 0, 40, 40)], (40, 40))
     assert sample["masks"] is None and len(sample["frames"]) == 1
     assert sample["boxes"].dtype == torch.float32 and sample["cls"].dtype == torch.int64
+
+
+@pytest.mark.parametrize("size", [(178, 249), (100, 200), (101, 200), (300, 97), (64, 64)])
+def test_downscaled_letterbox_keeps_content_inside_the_valid_region(size):
+    # Downscaling by 2x or more box-reduces first; a partial last block must neither stretch
+    # the image nor spill content past frame.valid.
+    image = np.full((*size, 3), 200, np.uint8)
+    frame = letterbox_frame(size, 64)
+    out = warp_image(image, frame.matrix, (64, 64))[..., 0]
+    x0, y0, x1, y1 = (int(round(value)) for value in frame.valid)
+    inside = np.zeros((64, 64), bool)
+    inside[y0:y1, x0:x1] = True
+    assert (out[~inside] == PAD_VALUE).all()
+    assert (out[y0 + 1 : y1 - 1, x0 + 1 : x1 - 1] == 200).all()

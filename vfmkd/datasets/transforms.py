@@ -101,9 +101,19 @@ def warp_image(
     """
     out_h, out_w = out_hw
     matrix = np.asarray(matrix, dtype=np.float64)
+    content_matrix = matrix
     picture = Image.fromarray(image)
     factor = int(1.0 / max(*_axis_scales(matrix), 1e-12))
     if factor >= 2:
+        # NOTE: Image.reduce averages a partial last block over the pixels it has; padding
+        # with the fill colour to whole blocks keeps every reduced pixel exactly `factor`
+        # source pixels wide, as the composed matrix assumes.
+        width, height = picture.size
+        padded_size = (-(-width // factor) * factor, -(-height // factor) * factor)
+        if padded_size != (width, height):
+            padded = Image.new(picture.mode, padded_size, (fill, fill, fill))
+            padded.paste(picture, (0, 0))
+            picture = padded
         picture = picture.reduce(factor)
         matrix = compose_matrices(scale_translate_matrix(factor), matrix)
     inverse = np.linalg.inv(np.vstack([matrix, [0.0, 0.0, 1.0]]))[:2]
@@ -116,7 +126,32 @@ def warp_image(
         resample=Image.Resampling.BILINEAR,
         fillcolor=(fill, fill, fill),
     )
-    return np.asarray(warped, dtype=np.uint8)
+    result = np.asarray(warped, dtype=np.uint8)
+    return _fill_outside_content(result, content_matrix, image.shape[:2], fill)
+
+
+def _fill_outside_content(warped: np.ndarray, matrix: np.ndarray, source_hw: tuple[int, int], fill: int) -> np.ndarray:
+    """``fill`` at output pixels whose centre lies outside the image's mapped rectangle.
+
+    Bilinear sampling reaches half a (reduced) pixel past the image's edge; the frame's
+    valid region is exact, so the warped image must hold nothing outside it. Only for
+    axis-aligned maps (scale, flip, translate), which is what the transforms make.
+    """
+    if abs(matrix[0, 1]) > 1e-12 or abs(matrix[1, 0]) > 1e-12:
+        return warped
+    height, width = source_hw
+    xs = sorted((matrix[0, 2], matrix[0, 0] * width + matrix[0, 2]))
+    ys = sorted((matrix[1, 2], matrix[1, 1] * height + matrix[1, 2]))
+    centres_x = np.arange(warped.shape[1]) + 0.5
+    centres_y = np.arange(warped.shape[0]) + 0.5
+    outside_x = (centres_x < xs[0]) | (centres_x >= xs[1])
+    outside_y = (centres_y < ys[0]) | (centres_y >= ys[1])
+    if not outside_x.any() and not outside_y.any():
+        return warped
+    warped = warped.copy()
+    warped[:, outside_x] = fill
+    warped[outside_y] = fill
+    return warped
 
 
 def warp_masks(masks: np.ndarray, matrix: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
