@@ -314,7 +314,8 @@ class SAMMaskHead(BaseHead):
 
     def _decode(self, outputs: Mapping[str, Any], index: int, prompts: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Low-resolution logits ``[N, M, H / 4, W / 4]`` and IoUs ``[N, M]`` of one image's prompts."""
-        embedding = outputs["embed"][index : index + 1]
+        # NOTE: float32 maps, so decoding outside the autocast region of the forward (evaluation) works.
+        embedding = outputs["embed"][index : index + 1].float()
         grid = tuple(embedding.shape[-2:])
         self.prompt_encoder.image_embedding_size = grid
         self.prompt_encoder.input_image_size = tuple(outputs["input_size"])
@@ -341,7 +342,7 @@ class SAMMaskHead(BaseHead):
             masks, iou, _, _ = self.mask_decoder(
                 **arguments,
                 repeat_image=True,
-                high_res_features=[outputs["hires_s4"][index : index + 1], outputs["hires_s8"][index : index + 1]],
+                high_res_features=[outputs["hires_s4"][index : index + 1].float(), outputs["hires_s8"][index : index + 1].float()],
             )
             return masks, iou
         return self.mask_decoder(**arguments)
