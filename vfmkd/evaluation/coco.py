@@ -41,6 +41,12 @@ class COCOBoxEvaluator(Evaluator):
         max_dets: detections per image counted by COCO (100 is the COCO standard).
     """
 
+    #: COCOeval's ``iouType``; what a result is scored by.
+    iou_type = "bbox"
+    #: Prefix of the metric names (``mask_`` for masks); the count of predictions is :attr:`count_key`.
+    metric_prefix = ""
+    count_key = "num_detections"
+
     def __init__(self, dataset: Any, *, max_dets: int = 100) -> None:
         self.names: list[str] = list(dataset.names)
         self.category_ids: list[int] = [int(value) for value in dataset.eval_category_ids]
@@ -69,7 +75,7 @@ class COCOBoxEvaluator(Evaluator):
     ) -> None:
         """Add one batch of predictions (``batch["indices"]``: data set index = COCO image id)."""
         if predictions is None:
-            raise ValueError("COCOBoxEvaluator needs predictions")
+            raise ValueError(f"{type(self).__name__} needs predictions")
         self.add(batch["indices"], predictions)
 
     def add(self, image_ids: Sequence[int], predictions: Sequence[dict[str, Any]]) -> None:
@@ -115,17 +121,42 @@ class COCOBoxEvaluator(Evaluator):
         """Score everything processed since :meth:`reset`.
 
         Returns:
-            ``mAP`` (AP at IoU .50:.95), ``mAP50``, ``mAP75``, ``per_class`` (AP by class
-            name; NaN for a class without ground truth) and ``num_detections``. No
-            detections give zeros.
+            ``<prefix>mAP`` (AP at IoU .50:.95), ``<prefix>mAP50``, ``<prefix>mAP75``,
+            ``<prefix>per_class`` (AP by class name; NaN for a class without ground truth)
+            and the count of scored predictions (:attr:`count_key`). No predictions give
+            zeros. The prefix is :attr:`metric_prefix` (none for boxes).
         """
-        per_class_empty = {
-            name: (0.0 if self._has_ground_truth(category_id) else float("nan"))
-            for name, category_id in zip(self.names, self.category_ids)
-        }
+        prefix = self.metric_prefix
+        names_and_ids = list(zip(self.names, self.category_ids))
         if not self._results or not self.ground_truth.get("annotations"):
-            return {"mAP": 0.0, "mAP50": 0.0, "mAP75": 0.0, "per_class": per_class_empty, "num_detections": len(self._results)}
+            per_class = {name: (0.0 if self._has_ground_truth(cid) else float("nan")) for name, cid in names_and_ids}
+            zeros = {f"{prefix}{key}": 0.0 for key in ("mAP", "mAP50", "mAP75")}
+            return {**zeros, f"{prefix}per_class": per_class, self.count_key: len(self._results)}
+        coco_eval = self._run_cocoeval()
+        # precision: [IoU thresholds T, recall points R, categories K, areas A, max dets M]
+        precision = coco_eval.eval["precision"][:, :, :, 0, -1]
+        iou_thresholds = coco_eval.params.iouThrs
+        index_50 = int(np.argmin(np.abs(iou_thresholds - 0.5)))
+        index_75 = int(np.argmin(np.abs(iou_thresholds - 0.75)))
+        category_order = list(coco_eval.params.catIds)
+        per_class = {
+            name: (
+                _mean_present(precision[:, :, category_order.index(category_id)])
+                if category_id in category_order and self._has_ground_truth(category_id)
+                else float("nan")
+            )
+            for name, category_id in names_and_ids
+        }
+        return {
+            f"{prefix}mAP": _mean_present(precision),
+            f"{prefix}mAP50": _mean_present(precision[index_50]),
+            f"{prefix}mAP75": _mean_present(precision[index_75]),
+            f"{prefix}per_class": per_class,
+            self.count_key: len(self._results),
+        }
 
+    def _run_cocoeval(self) -> Any:
+        """``COCOeval`` (:attr:`iou_type`) of the accumulated results, evaluated and accumulated."""
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
 
@@ -134,36 +165,18 @@ class COCOBoxEvaluator(Evaluator):
             ground_truth = COCO()
             ground_truth.dataset = copy.deepcopy(self.ground_truth)
             ground_truth.createIndex()
-            detections = ground_truth.loadRes(copy.deepcopy(self._results))
-            coco_eval = COCOeval(ground_truth, detections, iouType="bbox")
+            results = ground_truth.loadRes(copy.deepcopy(self._results))
+            coco_eval = COCOeval(ground_truth, results, iouType=self.iou_type)
             coco_eval.params.maxDets = [1, 10, self.max_dets]
             coco_eval.evaluate()
             coco_eval.accumulate()
-        # precision: [IoU thresholds T, recall points R, categories K, areas A, max dets M]
-        precision = coco_eval.eval["precision"][:, :, :, 0, -1]
-        iou_thresholds = coco_eval.params.iouThrs
-        index_50 = int(np.argmin(np.abs(iou_thresholds - 0.5)))
-        index_75 = int(np.argmin(np.abs(iou_thresholds - 0.75)))
-
-        def mean_valid(values: np.ndarray) -> float:
-            """Mean over entries that exist (COCOeval marks missing ones with -1)."""
-            valid = values[values > -1]
-            return float(valid.mean()) if valid.size else 0.0
-
-        per_class: dict[str, float] = {}
-        category_order = list(coco_eval.params.catIds)
-        for name, category_id in zip(self.names, self.category_ids):
-            if category_id in category_order and self._has_ground_truth(category_id):
-                per_class[name] = mean_valid(precision[:, :, category_order.index(category_id)])
-            else:
-                per_class[name] = float("nan")
-        return {
-            "mAP": mean_valid(precision),
-            "mAP50": mean_valid(precision[index_50]),
-            "mAP75": mean_valid(precision[index_75]),
-            "per_class": per_class,
-            "num_detections": len(self._results),
-        }
+        return coco_eval
 
     def _has_ground_truth(self, category_id: int) -> bool:
         return category_id in self.categories_with_ground_truth
+
+
+def _mean_present(values: np.ndarray) -> float:
+    """Mean over the entries COCOeval filled in (it marks missing ones with -1); 0 when none."""
+    present = values[values > -1]
+    return float(present.mean()) if present.size else 0.0

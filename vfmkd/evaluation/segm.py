@@ -15,9 +15,6 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import io
 import logging
 from typing import Any, Mapping, Sequence
 
@@ -72,6 +69,10 @@ class COCOMaskEvaluator(COCOBoxEvaluator):
             COCO category id).
         max_dets: masks per image counted by COCO (100 is the COCO standard).
     """
+
+    iou_type = "segm"
+    metric_prefix = "mask_"
+    count_key = "num_masks"
 
     def __init__(self, dataset: Any, *, max_dets: int = 100) -> None:
         super().__init__(dataset, max_dets=max_dets)
@@ -143,68 +144,3 @@ class COCOMaskEvaluator(COCOBoxEvaluator):
                 "(one mask per detection in original image pixels)"
             )
         return masks
-
-    def evaluate(self) -> dict[str, Any]:
-        """Score everything processed since :meth:`reset`.
-
-        Returns:
-            ``mask_mAP`` (mask AP at IoU .50:.95), ``mask_mAP50``, ``mask_mAP75``,
-            ``mask_per_class`` (mask AP by class name; NaN for a class without ground
-            truth) and ``num_masks``. No masks give zeros.
-        """
-        names_and_ids = list(zip(self.names, self.category_ids))
-        if not self._results or not self.ground_truth["annotations"]:
-            per_class = {
-                name: (0.0 if self._has_ground_truth(category_id) else float("nan"))
-                for name, category_id in names_and_ids
-            }
-            return {
-                "mask_mAP": 0.0,
-                "mask_mAP50": 0.0,
-                "mask_mAP75": 0.0,
-                "mask_per_class": per_class,
-                "num_masks": len(self._results),
-            }
-        coco_eval = self._run_cocoeval()
-        # precision: [IoU thresholds T, recall points R, categories K, areas A, max dets M]
-        precision = coco_eval.eval["precision"][:, :, :, 0, -1]
-        thresholds = list(np.round(coco_eval.params.iouThrs, 2))
-        category_order = list(coco_eval.params.catIds)
-        per_class = {
-            name: (
-                _mean_present(precision[:, :, category_order.index(category_id)])
-                if self._has_ground_truth(category_id)
-                else float("nan")
-            )
-            for name, category_id in names_and_ids
-        }
-        return {
-            "mask_mAP": _mean_present(precision),
-            "mask_mAP50": _mean_present(precision[thresholds.index(0.5)]),
-            "mask_mAP75": _mean_present(precision[thresholds.index(0.75)]),
-            "mask_per_class": per_class,
-            "num_masks": len(self._results),
-        }
-
-    def _run_cocoeval(self) -> Any:
-        """``COCOeval`` (``segm``) of the accumulated masks, evaluated and accumulated."""
-        from pycocotools.coco import COCO
-        from pycocotools.cocoeval import COCOeval
-
-        # NOTE: pycocotools reports progress with print(); keep it out of the user's stdout.
-        with contextlib.redirect_stdout(io.StringIO()):
-            ground_truth = COCO()
-            ground_truth.dataset = copy.deepcopy(self.ground_truth)
-            ground_truth.createIndex()
-            results = ground_truth.loadRes(copy.deepcopy(self._results))
-            coco_eval = COCOeval(ground_truth, results, iouType="segm")
-            coco_eval.params.maxDets = [1, 10, self.max_dets]
-            coco_eval.evaluate()
-            coco_eval.accumulate()
-        return coco_eval
-
-
-def _mean_present(values: np.ndarray) -> float:
-    """Mean over the entries COCOeval filled in (it marks missing ones with -1); 0 when none."""
-    present = values[values > -1]
-    return float(present.mean()) if present.size else 0.0

@@ -81,36 +81,30 @@ def _official_modules(decoder: str, embed_dim: int, depth: int, mlp_dim: int) ->
     if decoder == "sam":
         from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
 
-        prompt_encoder = PromptEncoder(
-            embed_dim=embed_dim, image_embedding_size=(64, 64), input_image_size=(1024, 1024), mask_in_chans=16
-        )
-        mask_decoder = MaskDecoder(
-            num_multimask_outputs=3,
-            transformer=TwoWayTransformer(depth=depth, embedding_dim=embed_dim, mlp_dim=mlp_dim, num_heads=8),
-            transformer_dim=embed_dim,
-            iou_head_depth=3,
-            iou_head_hidden_dim=256,
-        )
-        return prompt_encoder, mask_decoder
-    from sam2.modeling.sam.mask_decoder import MaskDecoder as SAM2MaskDecoder
-    from sam2.modeling.sam.prompt_encoder import PromptEncoder as SAM2PromptEncoder
-    from sam2.modeling.sam.transformer import TwoWayTransformer as SAM2TwoWayTransformer
+        family_settings: dict[str, Any] = {}
+    else:
+        from sam2.modeling.sam.mask_decoder import MaskDecoder
+        from sam2.modeling.sam.prompt_encoder import PromptEncoder
+        from sam2.modeling.sam.transformer import TwoWayTransformer
 
-    prompt_encoder = SAM2PromptEncoder(
+        # NOTE: the settings of the SAM 2 / 2.1 model configs (sam2.1_hiera_*.yaml).
+        family_settings = dict(
+            use_high_res_features=True,
+            iou_prediction_use_sigmoid=True,
+            pred_obj_scores=True,
+            pred_obj_scores_mlp=True,
+            use_multimask_token_for_obj_ptr=True,
+        )
+    prompt_encoder = PromptEncoder(
         embed_dim=embed_dim, image_embedding_size=(64, 64), input_image_size=(1024, 1024), mask_in_chans=16
     )
-    # NOTE: the settings of the SAM 2 / 2.1 model configs (sam2.1_hiera_*.yaml).
-    mask_decoder = SAM2MaskDecoder(
+    mask_decoder = MaskDecoder(
         num_multimask_outputs=3,
-        transformer=SAM2TwoWayTransformer(depth=depth, embedding_dim=embed_dim, mlp_dim=mlp_dim, num_heads=8),
+        transformer=TwoWayTransformer(depth=depth, embedding_dim=embed_dim, mlp_dim=mlp_dim, num_heads=8),
         transformer_dim=embed_dim,
         iou_head_depth=3,
         iou_head_hidden_dim=256,
-        use_high_res_features=True,
-        iou_prediction_use_sigmoid=True,
-        pred_obj_scores=True,
-        pred_obj_scores_mlp=True,
-        use_multimask_token_for_obj_ptr=True,
+        **family_settings,
     )
     return prompt_encoder, mask_decoder
 
