@@ -201,11 +201,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             "max_det": config.eval.max_det,
         },
     )
-    _say(json.dumps({k: v for k, v in metrics.items() if k != "per_class"}, indent=2))
-    per_class = metrics.get("per_class") or {}
-    if per_class:
-        width = max(len(name) for name in per_class)
-        _say("\n".join(f"  {name:<{width}}  AP {ap:.4f}" for name, ap in per_class.items()))
+    _say(json.dumps({k: v for k, v in metrics.items() if not k.endswith("per_class")}, indent=2))
+    # NOTE: per_class is box AP, mask_per_class mask AP (coco_segm); one table each.
+    for key, label in (("per_class", "AP"), ("mask_per_class", "mask AP")):
+        per_class = metrics.get(key) or {}
+        if per_class:
+            width = max(len(name) for name in per_class)
+            _say("\n".join(f"  {name:<{width}}  {label} {ap:.4f}" for name, ap in per_class.items()))
     return 0
 
 

@@ -314,6 +314,14 @@ def _log_metrics(metrics: Mapping[str, Any], step: int, seconds: float) -> None:
             metrics["mAP75"],
             seconds,
         )
+    if "mask_mAP" in metrics:
+        logger.info(
+            "eval at step %d: mask mAP50-95 %.4f  mAP50 %.4f  mAP75 %.4f",
+            step,
+            metrics["mask_mAP"],
+            metrics["mask_mAP50"],
+            metrics["mask_mAP75"],
+        )
     for name in sorted(key for key in metrics if key.startswith("fidelity/")):
         logger.info("%s %.4f", name, metrics[name])
 

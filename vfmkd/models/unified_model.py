@@ -18,7 +18,7 @@ import inspect
 import logging
 import pickle
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 import yaml
@@ -32,6 +32,7 @@ from vfmkd.models import heads as _heads  # noqa: F401
 from vfmkd.models import necks as _necks  # noqa: F401
 from vfmkd.models.backbones.base import BaseBackbone
 from vfmkd.models.heads.base import BaseHead
+from vfmkd.models.instance_masks import DEFAULT_MASK_MAX_DET, box_prompts, top_detections
 from vfmkd.models.ultralytics_compat import convert_ultralytics_state_dict, is_ultralytics_state_dict
 from vfmkd.registry import BACKBONES, HEADS, NECKS, Registry
 from vfmkd.utils.state_dict import load_state_dict_strict
@@ -186,38 +187,99 @@ class UnifiedModel(nn.Module):
     ) -> list[dict[str, Any]]:
         """Every head's predictions, merged per image.
 
+        Instance segmentation: without ``prompts``, a head prompted by boxes
+        (:attr:`~vfmkd.models.heads.base.BaseHead.prompted_by_boxes`, ``sam_mask_head``) is
+        given the boxes of the head that predicts them
+        (:attr:`~vfmkd.models.heads.base.BaseHead.predicts_boxes`, ``yolo_head``), one mask
+        per detection (:mod:`vfmkd.models.instance_masks`). Only the ``mask_max_det``
+        highest-scoring detections of an image are segmented, and the image's detections
+        are cut to those same ones, so ``boxes``, ``scores``, ``labels``, ``masks`` and
+        ``mask_scores`` stay aligned row for row. COCO scores at most 100 detections per
+        image, its highest-scoring ones, so the default 100 leaves box AP unchanged.
+
         Args:
             outputs: The dict returned by :meth:`forward`.
             batch: The collated batch; with ``frames``, results are in original image
                 pixels (else in input pixels).
             **options: Passed to each head's ``predict`` that takes them (detection:
-                ``conf_threshold``, ``iou_threshold``, ``max_det``, ``multi_label``).
+                ``conf_threshold``, ``iou_threshold``, ``max_det``, ``multi_label``;
+                promptable heads: ``prompts``, per image in input pixels, which they then
+                answer instead of the detections); ``mask_max_det`` (default
+                :data:`~vfmkd.models.instance_masks.DEFAULT_MASK_MAX_DET`, None for all):
+                most detections segmented per image.
 
         Returns:
             One dict per image (detection: ``boxes [K, 4]`` ``xyxy``, ``scores [K]``,
-            ``labels [K]`` int64).
+            ``labels [K]`` int64; with a mask head and no ``prompts`` also ``masks`` bool
+            ``[K, H, W]`` and ``mask_scores [K]``, K at most ``mask_max_det``).
         """
         if not self.heads:
             raise KeyError("predict() needs a task head; this model has none")
+        mask_max_det = options.pop("mask_max_det", DEFAULT_MASK_MAX_DET)
+        box_head, prompted = (None, []) if options.get("prompts") is not None else self._instance_heads()
         merged: list[dict[str, Any]] | None = None
         for name, head in self.heads.items():
-            results = head.predict(outputs[name], batch, **_accepted(head.predict, options))
-            if merged is None:
-                merged = [dict(result) for result in results]
+            if name in prompted:
                 continue
-            for image_result, result in zip(merged, results):
-                clashes = sorted(set(image_result) & set(result))
-                if clashes:
-                    raise ValueError(f"head '{name}' predicts keys another head already gives: {clashes}")
-                image_result.update(result)
+            results = head.predict(outputs[name], batch, **_accepted(head.predict, options))
+            if name == box_head:
+                results = [top_detections(result, mask_max_det) for result in results]
+            merged = _merge_predictions(merged, results, name)
+        for name in prompted:
+            head = self.heads[name]
+            prompts = box_prompts(merged or [], batch, _device_of(head))
+            results = head.predict(outputs[name], batch, **_accepted(head.predict, {**options, "prompts": prompts}))
+            merged = _merge_predictions(merged, results, name)
         return merged or []
 
+    def _instance_heads(self) -> tuple[str | None, list[str]]:
+        """The head whose boxes prompt the others, and the heads they prompt; ``(None, [])`` when none pair up."""
+        box_heads = [name for name, head in self.heads.items() if getattr(head, "predicts_boxes", False)]
+        prompted = [name for name, head in self.heads.items() if getattr(head, "prompted_by_boxes", False)]
+        if not box_heads or not prompted:
+            return None, []
+        if len(box_heads) > 1:
+            raise ValueError(
+                f"heads {box_heads} all predict boxes, so it is ambiguous which prompt the mask heads {prompted}; "
+                "keep one box-predicting head, or pass prompts= to predict()"
+            )
+        return box_heads[0], prompted
+
     def evaluator_names(self) -> list[str]:
-        """The evaluators the heads ask for (``vfmkd.registry.EVALUATORS`` names), each once."""
+        """The evaluators the heads ask for (``vfmkd.registry.EVALUATORS`` names), each once.
+
+        A head prompted by boxes adds its ``instance_evaluators`` (``coco_segm``) when the
+        model has a head predicting boxes to prompt it with.
+        """
         names: list[str] = []
         for head in self.heads.values():
             names += [name for name in getattr(head, "evaluators", ()) if name not in names]
+        for name in self._instance_heads()[1]:
+            names += [name for name in getattr(self.heads[name], "instance_evaluators", ()) if name not in names]
         return names
+
+
+def _merge_predictions(
+    merged: list[dict[str, Any]] | None, results: Sequence[Mapping[str, Any]], head_name: str
+) -> list[dict[str, Any]]:
+    """``merged`` with each image's ``results`` of one head added; a key given twice is an error."""
+    if merged is None:
+        return [dict(result) for result in results]
+    for image_result, result in zip(merged, results):
+        clashes = sorted(set(image_result) & set(result))
+        if clashes:
+            raise ValueError(f"head '{head_name}' predicts keys another head already gives: {clashes}")
+        image_result.update(result)
+    return merged
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    """The device of a module's first parameter or buffer (the CPU when it has none)."""
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return torch.device("cpu")
 
 
 def _accepted(function: Any, options: Mapping[str, Any]) -> dict[str, Any]:

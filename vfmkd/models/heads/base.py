@@ -13,6 +13,10 @@ of vfmkd talks to it only through :class:`BaseHead`:
 - ``predict(outputs, batch, **options)``: one dict per image; with a ``batch`` that has
   ``frames``, in original image pixels.
 - :attr:`evaluators`: names in ``vfmkd.registry.EVALUATORS`` that score its predictions.
+- :attr:`predicts_boxes` / :attr:`prompted_by_boxes`: a head that predicts boxes and one
+  that answers box prompts pair up into instance segmentation: without ``prompts`` the
+  model gives the second the first one's detections (:mod:`vfmkd.models.instance_masks`),
+  and asks for the second one's :attr:`instance_evaluators` too.
 - :attr:`map_specs` and :meth:`named_maps`: maps the head exposes for distillation
   (``<head name>.<map>`` in the model, e.g. ``segmentation.embed``).
 """
@@ -44,6 +48,18 @@ class BaseHead(nn.Module, abc.ABC):
     evaluators: ClassVar[tuple[str, ...]] = ()
     #: Whether the head trains on instance masks (the builder then loads them with the data).
     needs_masks: ClassVar[bool] = False
+    #: Whether :meth:`predict` gives per image ``boxes [K, 4]`` xyxy (original pixels when the
+    #: batch has frames), ``scores [K]`` and ``labels [K]``: detections that can prompt a head
+    #: that is :attr:`prompted_by_boxes`.
+    predicts_boxes: ClassVar[bool] = False
+    #: Whether :meth:`predict` takes ``prompts`` (per image ``{"boxes": [K, 4]}`` xyxy input
+    #: pixels) and answers each box with one row of every entry it returns (``masks [K, H, W]``,
+    #: ...). Without ``prompts`` the model then prompts it with the detections of a head that
+    #: :attr:`predicts_boxes`.
+    prompted_by_boxes: ClassVar[bool] = False
+    #: Evaluators that score this head's answers to a box head's detections (``coco_segm``);
+    #: asked for only when the model also has a head that :attr:`predicts_boxes`.
+    instance_evaluators: ClassVar[tuple[str, ...]] = ()
 
     @abc.abstractmethod
     def forward(self, features: Mapping[str, torch.Tensor], **inputs: Any) -> Any:

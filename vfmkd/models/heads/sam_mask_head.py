@@ -146,6 +146,8 @@ class SAMMaskHead(BaseHead):
     loss_prefix = "seg/"
     evaluators = ("prompt_miou",)
     needs_masks = True
+    prompted_by_boxes = True
+    instance_evaluators = ("coco_segm",)
 
     def __init__(
         self,

@@ -85,6 +85,7 @@ class YOLOHead(BaseHead):
 
     loss_prefix = "det/"
     evaluators = ("coco_bbox",)
+    predicts_boxes = True
 
     def __init__(
         self,
