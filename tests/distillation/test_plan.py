@@ -93,7 +93,8 @@ def test_adapter_none_with_unequal_channels_is_refused_otherwise(loss: str) -> N
 
 
 def test_builtin_losses_declare_what_they_need() -> None:
-    spatial = {name for name in LOSSES.names() if LOSSES.get(name).needs_spatial_map}
+    spatial = {name for name in LOSSES.names() if getattr(LOSSES.get(name), "needs_spatial_map", False)}
+    assert [name for name in LOSSES.names() if getattr(LOSSES.get(name), "prompt_in_the_loop", False)] == ["mask_kd"]
     assert {"cwd", "fgd", "mgd"} <= spatial and not {"mse", "cos_l1", "kl", "pkd"} & spatial
     assert [name for name in ("mgd", "fgd", "cwd", "mse") if LOSSES.get(name).maps_channels] == ["mgd"]
     assert [name for name in ("mgd", "fgd", "cwd", "mse") if LOSSES.get(name).uses_boxes] == ["fgd"]

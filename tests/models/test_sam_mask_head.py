@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from vfmkd.models import build_model
-from vfmkd.models.heads.sam_mask_head import SAMMaskHead, _official_modules
+from vfmkd.models.heads.sam_mask_head import SAMMaskHead
+from vfmkd.ops.prompt_decoder import official_prompt_modules
 
 SMALL = SAMMaskHead.small_config()
 
@@ -70,7 +71,7 @@ def test_prompt_encoder_is_frozen_and_the_decoder_learns_by_default() -> None:
 @pytest.mark.parametrize("decoder", ["sam", "sam2"])
 def test_official_prompt_encoder_and_decoder_load_from_a_checkpoint(decoder: str, tmp_path: Path) -> None:
     torch.manual_seed(3)
-    prompt_encoder, mask_decoder = _official_modules(decoder, 256, SMALL["transformer_depth"], SMALL["mlp_dim"])
+    prompt_encoder, mask_decoder = official_prompt_modules(decoder, depth=SMALL["transformer_depth"], mlp_dim=SMALL["mlp_dim"])
     prefixes = ("prompt_encoder.", "mask_decoder.") if decoder == "sam" else ("sam_prompt_encoder.", "sam_mask_decoder.")
     state = {"image_encoder.patch_embed.proj.weight": torch.zeros(2, 3)}
     for prefix, module in zip(prefixes, (prompt_encoder, mask_decoder)):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import pytest
@@ -55,3 +56,25 @@ def non_square_image() -> np.ndarray:
                                    0.5 * (rows + columns)], axis=2)
     noisy = base + rng.normal(0.0, 25.0, size=(height, width, 3))
     return np.clip(noisy, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture
+def cached_features(tmp_path: Path) -> Callable[..., dict[str, torch.Tensor]]:
+    """``cached_features(teacher, image)``: the teacher's features of ``image`` written to a float32
+    feature store (``vfmkd features extract``'s path) and read back, ``[1, C, h, w]`` each."""
+    from PIL import Image
+
+    from vfmkd.datasets import build_dataset
+    from vfmkd.features.extract import extract_features
+
+    def read_back(teacher: Any, image: np.ndarray) -> dict[str, torch.Tensor]:
+        folder = tmp_path / "images"
+        folder.mkdir(exist_ok=True)
+        Image.fromarray(image).save(folder / "image.png")
+        dataset = build_dataset({"dataset": str(folder), "img_size": 64}, "train", train=False)
+        store = extract_features(
+            teacher, dataset, tmp_path / "store", dtype="float32", num_workers=0, progress=False, split="train"
+        )
+        return {name: torch.from_numpy(value)[None] for name, value in store.read("image").items()}
+
+    return read_back

@@ -182,6 +182,46 @@ def test_smaller_input_equals_official_predictor_at_that_size(
         assert_masks_match_predictor(small_teacher, features, predictor, max_abs_error)
 
 
+class _StoreDecoder:
+    """A prompt decoder on cached features, shaped like ``SAM2Teacher.predict_masks`` for the helper."""
+
+    def __init__(self, decoder: Any, image_size: int) -> None:
+        self.decoder, self.image_size = decoder, image_size
+
+    def predict_masks(self, features, boxes=None, points=None, multimask_output=False):
+        masks, scores = self.decoder.decode(
+            features,
+            boxes=None if boxes is None else boxes[0],
+            points=None if points is None else (points[0][0], points[1][0]),
+            multimask=multimask_output,
+        )
+        return masks[None], scores[None]
+
+
+def test_decoder_alone_on_a_float32_store_equals_official_predictor(
+    tiny_checkpoint: dict[str, Any],
+    small_teacher: SAM2Teacher,
+    non_square_image: np.ndarray,
+    cached_features: Callable,
+    max_abs_error: Callable,
+    tmp_path: Path,
+) -> None:
+    """mask_kd's offline teacher: the prompt encoder and decoder loaded alone from the checkpoint
+    file, on features read back from a float32 store, give the predictor's low-res logits."""
+    from vfmkd.ops.prompt_decoder import PromptDecoder
+
+    path = tmp_path / "sam2.1_hiera_tiny.pt"
+    torch.save(tiny_checkpoint, path)
+    decoder = PromptDecoder.from_checkpoint("sam2", path, image_size=SMALL_SIZE)
+    features = cached_features(small_teacher, non_square_image)
+    reference = build_official(SMALL_SIZE)
+    reference.load_state_dict(tiny_checkpoint["model"], strict=True)
+    predictor = official_predictor(reference)
+    predictor.set_image(non_square_image)
+    with torch.inference_mode():
+        assert_masks_match_predictor(_StoreDecoder(decoder, SMALL_SIZE), features, predictor, max_abs_error)
+
+
 def test_official_loader_accepts_the_test_checkpoint(tiny_checkpoint: dict[str, Any], tmp_path: Path) -> None:
     """The saved format is the official one: ``sam2``'s own loader takes it."""
     from sam2.build_sam import _load_checkpoint

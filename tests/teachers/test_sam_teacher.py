@@ -143,16 +143,10 @@ def test_vit_b_at_1024_equals_official_predictor(
         )
 
 
-def test_smaller_input_equals_official_runtime_interpolation(
-    official_vit_b: Any,
-    small_teacher: SAMTeacher,
-    non_square_image: np.ndarray,
-    max_abs_error: Callable,
-) -> None:
-    """At a smaller size the teacher equals an official model whose 1024-px relative position tables
-    are interpolated at run time by the official ``get_rel_pos``."""
-    from segment_anything import SamPredictor
-
+@pytest.fixture(scope="module")
+def small_reference(official_vit_b: Any) -> Any:
+    """The official ViT-B at :data:`SMALL_SIZE` whose 1024-px relative position tables are
+    interpolated at run time by the official ``get_rel_pos`` (position embedding resized)."""
     reference = build_sam_model(SAM_VARIANTS["sam_vit_b"], SMALL_SIZE)
     state = official_vit_b.state_dict()
     grid = SMALL_SIZE // 16
@@ -169,7 +163,19 @@ def test_smaller_input_equals_official_runtime_interpolation(
     for key, table in long_tables.items():
         module_path, attribute = key.rsplit(".", 1)
         setattr(reference.get_submodule(module_path), attribute, torch.nn.Parameter(table.clone()))
+    return reference.eval()
 
+
+def test_smaller_input_equals_official_runtime_interpolation(
+    small_reference: Any,
+    small_teacher: SAMTeacher,
+    non_square_image: np.ndarray,
+    max_abs_error: Callable,
+) -> None:
+    """At a smaller size the teacher equals the official model with run-time interpolated tables."""
+    from segment_anything import SamPredictor
+
+    reference = small_reference
     predictor = SamPredictor(reference)
     predictor.set_image(non_square_image)
     pixels, frame = small_teacher.preprocess_image(non_square_image)
@@ -181,6 +187,45 @@ def test_smaller_input_equals_official_runtime_interpolation(
     assert max_abs_error(features["embed"], predictor.get_image_embedding()) <= TOLERANCE
     with torch.inference_mode():
         assert_masks_match_predictor(small_teacher, features, predictor, max_abs_error)
+
+
+def test_decoder_alone_on_a_float32_store_equals_official_predictor(
+    small_reference: Any,
+    small_teacher: SAMTeacher,
+    vit_b_checkpoint: dict[str, torch.Tensor],
+    non_square_image: np.ndarray,
+    cached_features: Callable,
+    max_abs_error: Callable,
+    tmp_path: Path,
+) -> None:
+    """mask_kd's offline teacher: the prompt encoder and decoder loaded alone from the checkpoint
+    file, on features read back from a float32 store, give ``SamPredictor``'s low-res logits."""
+    from segment_anything import SamPredictor
+
+    from vfmkd.ops.prompt_decoder import PromptDecoder
+
+    path = tmp_path / "sam_vit_b_01ec64.pth"
+    torch.save(vit_b_checkpoint, path)
+    decoder = PromptDecoder.from_checkpoint("sam", path, image_size=SMALL_SIZE)
+    features = cached_features(small_teacher, non_square_image)
+    predictor = SamPredictor(small_reference)
+    predictor.set_image(non_square_image)
+    boxes, (coords, labels) = prompts(SMALL_SIZE)
+    with torch.inference_mode():
+        for multimask in (True, False):
+            for kwargs, official in (
+                ({"boxes": boxes[0]}, {"boxes": boxes[0]}),
+                ({"points": (coords[0], labels[0])}, {"point_coords": coords[0], "point_labels": labels[0]}),
+                ({"boxes": boxes[0], "points": (coords[0], labels[0])},
+                 {"boxes": boxes[0], "point_coords": coords[0], "point_labels": labels[0]}),
+            ):
+                masks, scores = decoder.decode(features, multimask=multimask, **kwargs)
+                _, expected_scores, expected = predictor.predict_torch(
+                    official.get("point_coords"), official.get("point_labels"), boxes=official.get("boxes"),
+                    multimask_output=multimask,
+                )
+                assert max_abs_error(masks, expected) <= TOLERANCE
+                assert max_abs_error(scores, expected_scores) <= TOLERANCE
 
 
 def test_relative_position_resize_equals_official_get_rel_pos() -> None:

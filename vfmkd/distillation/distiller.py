@@ -13,14 +13,22 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from vfmkd.config import ExperimentConfig
 from vfmkd.distillation import losses as _losses  # noqa: F401  (registers the losses)
-from vfmkd.distillation.plan import TermPlan, alignment_table, plan_distillation, task_entry_names, term_grid_stride
+from vfmkd.distillation.mask_kd import MaskTermPlan
+from vfmkd.distillation.plan import (
+    TermPlan,
+    alignment_table,
+    plan_distillation,
+    plan_mask_terms,
+    task_entry_names,
+    term_grid_stride,
+)
 from vfmkd.distillation.teacher_runtime import TeacherRuntime, start_write_backs
 from vfmkd.models.adapters import build_adapter
 from vfmkd.registry import LOSSES
@@ -42,9 +50,17 @@ class Distiller(nn.Module):
             one teacher stays); training only.
     """
 
-    def __init__(self, terms: list[TermPlan], teachers: TeacherRuntime, *, teacher_dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        terms: list[TermPlan],
+        teachers: TeacherRuntime,
+        *,
+        mask_terms: Sequence[MaskTermPlan] = (),
+        teacher_dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         self.terms = list(terms)
+        self.mask_terms = list(mask_terms)
         self.teachers = teachers
         self.teacher_dropout = teacher_dropout
         self.adapters = nn.ModuleDict()
@@ -56,24 +72,49 @@ class Distiller(nn.Module):
             self.losses[term.module_key] = LOSSES.build(
                 term.loss_type, student_channels=adapted_channels, teacher_channels=term.teacher_channels, **term.params
             )
+        for mask_term in self.mask_terms:
+            self.losses[mask_term.module_key] = LOSSES.build("mask_kd", **mask_term.params)
 
-    def forward(self, maps: Mapping[str, torch.Tensor], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """One weighted term per planned pair.
+    def forward(
+        self,
+        maps: Mapping[str, torch.Tensor],
+        batch: dict[str, Any],
+        outputs: Mapping[str, Any] | None = None,
+        student: nn.Module | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """One weighted term per planned pair (and per mask term).
 
         Args:
             maps: the student's named maps (``p3``, ``backbone.p4``, ...), ``[B, C, H, W]`` each.
             batch: the batch on the device (float ``images``, offline records, ``targets``).
+            outputs: the student's outputs (each head's), for mask terms.
+            student: the student (its ``heads``), for mask terms.
         """
-        targets = self.teachers(batch, batch["images"].device)
+        device = batch["images"].device
+        targets = self.teachers(batch, device)
         dropped = self._dropped_teachers()
         losses: dict[str, torch.Tensor] = {}
         for term in self.terms:
-            student, teacher_maps, valid = self.aligned_pair(term, maps, targets)
+            student_map, teacher_maps, valid = self.aligned_pair(term, maps, targets)
             loss_targets = _loss_targets(batch, term_grid_stride(term))
-            value = self.losses[term.module_key](student, teacher_maps, valid, loss_targets)
+            value = self.losses[term.module_key](student_map, teacher_maps, valid, loss_targets)
             if term.teacher in dropped:
                 value = value * 0.0
             losses[term.name] = value * term.weight
+        for mask_term in self.mask_terms:
+            if outputs is None or student is None:
+                raise ValueError(f"{mask_term.name}: a mask term needs the student and its outputs")
+            value = self.losses[mask_term.module_key](
+                student.heads[mask_term.head],
+                outputs[mask_term.head],
+                self.teachers.prompt_decoder(mask_term.teacher, device),
+                self.teachers.decoder_records(batch, device, mask_term.teacher),
+                batch.get("targets"),
+                _detections(student, outputs, self.losses[mask_term.module_key]),
+            )
+            if mask_term.teacher in dropped:
+                value = value * 0.0
+            losses[mask_term.name] = value * mask_term.weight
         return losses
 
     def aligned_pair(
@@ -100,6 +141,17 @@ class Distiller(nn.Module):
         # NOTE: python's random is seeded by the trainer; at least one teacher stays.
         dropped = {key for key in keys if random.random() < self.teacher_dropout}
         return dropped if len(dropped) < len(keys) else set()
+
+
+def _detections(student: nn.Module, outputs: Mapping[str, Any], loss: nn.Module) -> list[dict[str, Any]] | None:
+    """The detection heads' boxes (input pixels) per image, when a mask term prompts unlabelled images with them."""
+    if getattr(loss, "unlabeled_prompts", None) != "boxes":
+        return None
+    for name, head in student.heads.items():
+        if getattr(head, "predicts_boxes", False):
+            with torch.no_grad():
+                return head.predict(outputs[name], None)
+    return None
 
 
 def _loss_targets(batch: dict[str, Any], stride: int) -> dict[str, Any] | None:
@@ -145,7 +197,7 @@ class DistilledModel(nn.Module):
         if task_run:
             losses.update(self.student.loss(outputs, batch["targets"], weights=self.task_weights))
         if self.distiller is not None:
-            distilled = self.distiller(outputs["maps"], batch)
+            distilled = self.distiller(outputs["maps"], batch, outputs, self.student)
             if heads and not task_run and distilled:
                 # NOTE: without task losses the heads (and neck parts only they use) would get no
                 # gradient, which DDP (find_unused_parameters=False) refuses at the next step; a
@@ -190,10 +242,17 @@ def build_distiller(
         for teacher in config.teachers.values():
             teacher.write_back = False
     teachers, terms = plan_distillation(config, student.map_dims, student.map_strides)
-    if not terms:
+    mask_terms = plan_mask_terms(config, teachers, getattr(student, "heads", {}))
+    if not terms and not mask_terms:
         logger.warning("distillation: every configured teacher is disabled; training the task losses only")
         return None
     start_write_backs(config, teachers)
-    runtime = TeacherRuntime(teachers, terms)
-    logger.info("distillation alignment:\n%s", alignment_table(terms, teachers, config.data.img_size))
-    return Distiller(terms, runtime, teacher_dropout=config.distillation.teacher_dropout)
+    runtime = TeacherRuntime(teachers, terms, mask_terms)
+    if terms:
+        logger.info("distillation alignment:\n%s", alignment_table(terms, teachers, config.data.img_size))
+    for mask_term in mask_terms:
+        logger.info(
+            "%s: %s's prompt decoder (%s) teaches head '%s', %g",
+            mask_term.name, mask_term.teacher, mask_term.family, mask_term.head, mask_term.weight,
+        )
+    return Distiller(terms, runtime, mask_terms=mask_terms, teacher_dropout=config.distillation.teacher_dropout)

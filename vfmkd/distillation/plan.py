@@ -20,9 +20,11 @@ import torch
 
 from vfmkd.config import ConfigError, ExperimentConfig, TeacherConfig
 from vfmkd.distillation import losses as _losses  # noqa: F401  (registers the losses)
+from vfmkd.distillation.mask_kd import MaskTermPlan
 from vfmkd.registry import LOSSES, TEACHERS
 from vfmkd.features.format import StoreMismatchError
 from vfmkd.features.store import FeatureStore
+from vfmkd.ops.prompt_decoder import DECODER_FEATURES, prompt_family
 from vfmkd.teachers import build_teacher_from_config, canonical_teacher_name
 from vfmkd.teachers.base import FeatureSpec
 from vfmkd.utils.hashing import file_sha256
@@ -37,6 +39,7 @@ __all__ = [
     "expected_store_fields",
     "term_grid_stride",
     "plan_distillation",
+    "plan_mask_terms",
 ]
 
 # NOTE: the seed names its loss `feature_mse`; a `feature_` prefix before a loss name
@@ -127,8 +130,10 @@ def task_entry_names(config: ExperimentConfig) -> set[str]:
     return set(config.model.heads)
 
 
-def plan_distillation(config: ExperimentConfig, student_dims: Mapping[str, int], student_strides: Mapping[str, int]) -> tuple[dict[str, TeacherPlan], list[TermPlan]]:
-    """Resolve teachers and loss terms; every problem is a :class:`ConfigError`.
+def plan_distillation(
+    config: ExperimentConfig, student_dims: Mapping[str, int], student_strides: Mapping[str, int]
+) -> tuple[dict[str, TeacherPlan], list[TermPlan]]:
+    """Resolve teachers and feature loss terms (mask terms: :func:`plan_mask_terms`); problems are :class:`ConfigError`.
 
     Args:
         config: the experiment.
@@ -149,21 +154,16 @@ def plan_distillation(config: ExperimentConfig, student_dims: Mapping[str, int],
     terms: list[TermPlan] = []
     for entry_name, entry in losses.items():
         where = f"distillation.losses.{entry_name}"
-        if entry.teacher is None:
-            raise ConfigError(
-                f"{where}: names no 'teacher' (one of: {', '.join(config.teachers) or 'none configured'}); "
-                f"an entry weighting a head's task losses takes the head's name ({', '.join(config.model.heads) or 'no heads'})"
-            )
-        if entry.teacher not in config.teachers:
-            raise ConfigError(f"{where}.teacher: '{entry.teacher}' is not in 'teachers' ({', '.join(config.teachers)})")
+        _check_teacher_named(where, entry, config)
         if entry.teacher not in teachers:
             continue  # the teacher is disabled: its terms are off too
         plan = teachers[entry.teacher]
-        loss_type = entry.type or (entry_name[len(LOSS_NAME_PREFIX):] if entry_name.startswith(LOSS_NAME_PREFIX) else entry_name)
+        loss_type = _loss_type(entry_name, entry)
         if loss_type not in LOSSES:
             raise ConfigError(f"{where}.type: unknown loss '{loss_type}'; known: {', '.join(LOSSES.names())}")
-        # What the loss needs is declared on its class (FeatureLoss.needs_spatial_map, ...).
-        loss_class = LOSSES.get(loss_type)
+        loss_class = LOSSES.get(loss_type)  # declares what it needs (FeatureLoss.needs_spatial_map, ...)
+        if getattr(loss_class, "prompt_in_the_loop", False):
+            continue  # plan_mask_terms
         feature = entry.feature or next(iter(plan.specs))
         if feature not in plan.specs:
             raise ConfigError(f"{where}.feature: teacher '{entry.teacher}' has no feature '{feature}' "
@@ -207,6 +207,81 @@ def plan_distillation(config: ExperimentConfig, student_dims: Mapping[str, int],
     if duplicates:
         raise ConfigError(f"distillation.losses: the same pairing appears twice: {', '.join(duplicates)}")
     return teachers, terms
+
+
+def _check_teacher_named(where: str, entry: Any, config: ExperimentConfig) -> None:
+    """A distillation entry must name a configured teacher."""
+    if entry.teacher is None:
+        raise ConfigError(
+            f"{where}: names no 'teacher' (one of: {', '.join(config.teachers) or 'none configured'}); "
+            f"an entry weighting a head's task losses takes the head's name ({', '.join(config.model.heads) or 'no heads'})"
+        )
+    if entry.teacher not in config.teachers:
+        raise ConfigError(f"{where}.teacher: '{entry.teacher}' is not in 'teachers' ({', '.join(config.teachers)})")
+
+
+def _loss_type(entry_name: str, entry: Any) -> str:
+    """An entry's loss: its ``type``, else its name without the seed's ``feature_`` prefix."""
+    if entry.type:
+        return entry.type
+    return entry_name[len(LOSS_NAME_PREFIX) :] if entry_name.startswith(LOSS_NAME_PREFIX) else entry_name
+
+
+def plan_mask_terms(
+    config: ExperimentConfig, teachers: Mapping[str, TeacherPlan], heads: Mapping[str, Any]
+) -> list[MaskTermPlan]:
+    """Resolve the prompt-in-the-loop entries (``type: mask_kd``); every problem is a :class:`ConfigError`.
+
+    Args:
+        config: the experiment.
+        teachers: the planned teachers (:func:`plan_distillation`).
+        heads: the student's heads by name; ``student:`` names a promptable mask head (one
+            with ``decode_prompts``), by default the only one.
+    """
+    tasks = task_entry_names(config)
+    promptable = [name for name, head in heads.items() if hasattr(head, "decode_prompts")]
+    terms: list[MaskTermPlan] = []
+    for entry_name, entry in config.distillation.losses.items():
+        loss_type = _loss_type(entry_name, entry)
+        if entry_name in tasks or loss_type not in LOSSES or not getattr(LOSSES.get(loss_type), "prompt_in_the_loop", False):
+            continue
+        where = f"distillation.losses.{entry_name}"
+        if entry.teacher not in teachers:
+            continue  # a disabled teacher (a missing one is reported by plan_distillation)
+        plan = teachers[entry.teacher]
+        family = prompt_family(plan.registry_name)
+        if family is None:
+            raise ConfigError(f"{where}.teacher: '{loss_type}' needs a SAM or SAM 2 teacher; '{entry.teacher}' is {plan.registry_name}")
+        head = entry.student if isinstance(entry.student, str) else None
+        if head is None:
+            if len(promptable) != 1:
+                raise ConfigError(
+                    f"{where}.student: name the promptable mask head to train ({', '.join(promptable) or 'the model has none: add a sam_mask_head'})"
+                )
+            head = promptable[0]
+        if head not in promptable:
+            raise ConfigError(f"{where}.student: '{head}' is not a promptable mask head (heads: {', '.join(heads) or 'none'})")
+        features = DECODER_FEATURES[family]
+        missing = [name for name in features if name not in plan.specs]
+        if missing:
+            source = f"the store at '{plan.config.feature_path}'" if plan.store is not None else f"teachers.{entry.teacher}.features"
+            raise ConfigError(f"{where}: the teacher's decoder needs {list(features)}; {source} lacks {missing}")
+        try:
+            LOSSES.build(loss_type, **entry.params)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"{where}.params: {error}") from None
+        terms.append(
+            MaskTermPlan(
+                name=f"distill/{entry.teacher}/masks<-{head}",
+                teacher=entry.teacher,
+                head=head,
+                family=family,
+                features=features,
+                weight=entry.weight,
+                params=dict(entry.params),
+            )
+        )
+    return terms
 
 
 def _plan_teacher(key: str, teacher: TeacherConfig, config: ExperimentConfig) -> TeacherPlan:

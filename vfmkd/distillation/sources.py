@@ -287,6 +287,7 @@ def online_features(
     images: torch.Tensor,
     frames: Sequence[Sequence[Frame]],
     feature_requests: Sequence[tuple[str, tuple[int, int], float]],
+    computed: tuple[dict[str, torch.Tensor], Sequence[Frame]] | None = None,
 ) -> dict[tuple[str, tuple[int, int], float], tuple[torch.Tensor, torch.Tensor]]:
     """Run ``teacher`` on augmented student inputs and put its maps on student grids.
 
@@ -295,13 +296,17 @@ def online_features(
         images: ``[B, 3, H, W]`` float student inputs in ``[0, 1]``.
         frames: per image, its frames (for the valid region).
         feature_requests: ``(feature, grid (Hg, Wg), grid stride)`` triples.
+        computed: the teacher's features and frames on ``images`` when already computed.
 
     Returns:
         request -> (``[B, C, Hg, Wg]`` float32 maps, ``[B, 1, Hg, Wg]`` bool valid).
     """
     height, width = images.shape[-2:]
-    pixels, teacher_frames = teacher.preprocess_tensor(images)
-    features = teacher.extract(pixels)
+    if computed is None:
+        pixels, teacher_frames = teacher.preprocess_tensor(images)
+        features = teacher.extract(pixels)
+    else:
+        features, teacher_frames = computed
     # Online maps live in "student input -> teacher input" frames; the student side is
     # the identity on the student input, valid where image content is.
     student_frames = [

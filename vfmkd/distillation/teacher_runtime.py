@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -22,11 +22,21 @@ import torch
 from vfmkd.config import ConfigError, ExperimentConfig
 from vfmkd.datasets import resolve_dataset
 from vfmkd.distillation.plan import TeacherPlan, TermPlan, term_grid_stride
-from vfmkd.distillation.sources import OFFLINE_KEY, WRITE_BACK_KEY, OfflinePlan, offline_features, online_features
+from vfmkd.distillation.mask_kd import DecoderRecord, MaskTermPlan
+from vfmkd.distillation.sources import (
+    OFFLINE_KEY,
+    WRITE_BACK_KEY,
+    OfflinePlan,
+    offline_features,
+    online_features,
+    student_input_region,
+)
 from vfmkd.distillation.write_back import StoreWriteBack
 from vfmkd.features.extract import cpu_preprocessor
 from vfmkd.features.format import FeatureStoreError, StoreHeader, describe_differences
 from vfmkd.features.store import FeatureStore
+from vfmkd.geometry import Frame
+from vfmkd.ops.prompt_decoder import DECODER_FEATURES, PromptDecoder, prompt_family
 from vfmkd.teachers import build_teacher_from_config
 from vfmkd.utils.distributed import all_gather_object, barrier, get_rank
 
@@ -47,12 +57,19 @@ class TeacherRuntime:
     Args:
         teachers: resolved teachers from :func:`~vfmkd.distillation.plan.plan_distillation`.
         terms: resolved terms (which features, on which grids).
+        mask_terms: resolved ``mask_kd`` terms (their teachers' decoder inputs are read too).
     """
 
-    def __init__(self, teachers: Mapping[str, TeacherPlan], terms: list[TermPlan]) -> None:
+    def __init__(
+        self, teachers: Mapping[str, TeacherPlan], terms: list[TermPlan], mask_terms: Sequence[MaskTermPlan] = ()
+    ) -> None:
         self.teacher_plans = dict(teachers)
         self.terms = list(terms)
+        self.mask_terms = list(mask_terms)
         self._online: dict[str, Any] = {}
+        self._decoders: dict[str, PromptDecoder] = {}
+        # The last batch's online teacher pass per teacher: (images, rows, features, frames).
+        self._online_pass: dict[str, tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], list[Frame]]] = {}
         self._statistics: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self._write_backs = {key: plan.write_back for key, plan in teachers.items() if plan.write_back is not None}
 
@@ -66,7 +83,7 @@ class TeacherRuntime:
         for key, plan in self.teacher_plans.items():
             if plan.store is None or (plan.offline_ratio == 0.0 and plan.write_back is None):
                 continue
-            features = tuple(sorted({term.feature for term in self.terms if term.teacher == key}))
+            features = tuple(sorted(self._features_of(key)))
             preprocess = None
             if plan.write_back is not None:
                 teacher = plan.teacher if plan.teacher is not None else self._online[key]
@@ -74,13 +91,21 @@ class TeacherRuntime:
             plans.append(OfflinePlan(key, str(plan.config.feature_path), features, plan.offline_ratio, preprocess))
         return plans
 
+    def _features_of(self, key: str) -> set[str]:
+        """The features of teacher ``key`` that the terms use (mask terms: the decoder's inputs)."""
+        features = {term.feature for term in self.terms if term.teacher == key}
+        for term in self.mask_terms:
+            if term.teacher == key:
+                features.update(term.features)
+        return features
+
     # --------------------------------------------------------------- teacher side
     def online_teacher(self, key: str, device: torch.device) -> Any:
         """The teacher for online samples, built (and its weights loaded) on first use."""
         teacher = self._online.get(key)
         if teacher is None:
             plan = self.teacher_plans[key]
-            features = sorted({term.feature for term in self.terms if term.teacher == key})
+            features = sorted(self._features_of(key))
             teacher = plan.teacher
             if teacher is None:
                 teacher = build_teacher_from_config(key, plan.config, features=features)
@@ -158,6 +183,7 @@ class TeacherRuntime:
                     images[online_rows],
                     [batch["frames"][row] for row in online_rows.tolist()],
                     requests_list,
+                    computed=self._teacher_pass(teacher, teacher_model, images, online_rows),
                 )
                 for (feature, grid, stride), (maps, valid) in computed.items():
                     results[(feature, stride)][0][online_rows] = maps
@@ -170,10 +196,75 @@ class TeacherRuntime:
         return targets
 
 
+    def _teacher_pass(
+        self, key: str, teacher: Any, images: torch.Tensor, rows: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], list[Frame]]:
+        """The teacher's features and frames on images ``rows`` (student inputs), once per batch."""
+        cached = self._online_pass.get(key)
+        if cached is not None and cached[0] is images and torch.equal(cached[1], rows):
+            return cached[2], cached[3]
+        pixels, frames = teacher.preprocess_tensor(images[rows])
+        features = teacher.extract(pixels)
+        self._online_pass[key] = (images, rows, features, frames)
+        return features, frames
+
+    def prompt_decoder(self, key: str, device: torch.device) -> PromptDecoder:
+        """Teacher ``key``'s prompt encoder and mask decoder.
+
+        Loaded alone from ``model_path`` (the image encoder never built) unless the live
+        teacher exists already or has random weights (then its own decoder).
+        """
+        decoder = self._decoders.get(key)
+        if decoder is None:
+            plan = self.teacher_plans[key]
+            family = prompt_family(plan.registry_name)
+            weights = plan.config.model_path
+            live = self._online.get(key) or plan.teacher
+            if live is None and weights and Path(weights).is_file():
+                embed = plan.specs["embed"]
+                image_size = max(embed.height, embed.width) * embed.stride
+                decoder = PromptDecoder.from_checkpoint(family, weights, image_size=image_size).to(device)
+                logger.info("teachers.%s: prompt encoder and mask decoder loaded from %s (no image encoder)", key, weights)
+            else:
+                decoder = (live if live is not None else self.online_teacher(key, device)).to(device).prompt_decoder()
+            self._decoders[key] = decoder
+        return decoder
+
+    def decoder_records(self, batch: dict[str, Any], device: torch.device, key: str) -> list[list[DecoderRecord]]:
+        """Per batch image, its source images as teacher ``key`` saw them, with the decoder's input features.
+
+        Offline images: one record per stored source image (a mosaic's tiles), read from
+        the batch's store rows; online images: one record from the live teacher's pass on
+        the augmented image (shared with :meth:`teacher_targets` in the same step).
+        """
+        names = sorted(self._features_of(key) & set(DECODER_FEATURES[prompt_family(self.teacher_plans[key].registry_name)]))
+        images = batch["images"]
+        records: list[list[DecoderRecord]] = [[] for _ in range(images.shape[0])]
+        record = batch.get(OFFLINE_KEY, {}).get(key)
+        offline_rows: set[int] = set()
+        if record is not None:
+            offline_rows = set(record["samples"].tolist())
+            for tile, row in enumerate(record["tile_sample"].tolist()):
+                features = {name: record["features"][name][tile : tile + 1].to(device).float() for name in names}
+                records[row].append(DecoderRecord(features, record["teacher_frames"][tile], record["student_frames"][tile]))
+        online = torch.tensor([row for row in range(images.shape[0]) if row not in offline_rows], dtype=torch.int64, device=device)
+        if len(online):
+            with torch.no_grad():
+                features, frames = self._teacher_pass(key, self.online_teacher(key, device), images, online)
+            height, width = images.shape[-2:]
+            for position, row in enumerate(online.tolist()):
+                student_frame = Frame.identity(height, width).then(
+                    np.eye(2, 3), (height, width), valid=student_input_region(batch["frames"][row])
+                )
+                maps = {name: features[name][position : position + 1].float() for name in names}
+                records[row].append(DecoderRecord(maps, frames[position], student_frame))
+        return records
+
     def __call__(
         self, batch: dict[str, Any], device: torch.device, teachers: set[str] | None = None
     ) -> dict[tuple[str, str, int], tuple[torch.Tensor, torch.Tensor]]:
         """Write back what the batch offers, then :meth:`teacher_targets` (no gradient)."""
+        self._online_pass.clear()
         if WRITE_BACK_KEY in batch and self._write_backs:
             self._write_back(batch[WRITE_BACK_KEY], device)
         with torch.no_grad():

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from vfmkd.geometry import Frame, resize_frame
+from vfmkd.ops.prompt_decoder import PromptDecoder
 from vfmkd.registry import TEACHERS
 from vfmkd.teachers.base import BaseTeacher, FeatureSpec
 from vfmkd.teachers.sam_teacher import check_rgb_image, load_official_state_dict, prompt_count, unwrap_state_dict
@@ -61,8 +62,6 @@ SIZE_MULTIPLE = 32
 # The values of sam2.utils.transforms.SAM2Transforms (ImageNet mean and std on [0, 1]).
 PIXEL_MEAN = (0.485, 0.456, 0.406)
 PIXEL_STD = (0.229, 0.224, 0.225)
-# The predictor clamps its low-resolution logits to this range.
-LOW_RES_LOGIT_LIMIT = 32.0
 
 
 @dataclass(frozen=True)
@@ -260,47 +259,24 @@ class SAM2Teacher(BaseTeacher):
                 f"predict_masks needs the features embed, hires_s8 and hires_s4; missing {missing} "
                 "(extract them all, e.g. with features=None)"
             )
-        embeddings, hires_s8, hires_s4 = features["embed"], features["hires_s8"], features["hires_s4"]
-        batch_size = embeddings.shape[0]
-        prompt_count(batch_size, boxes, points)
-        dense_positional = self.model.sam_prompt_encoder.get_dense_pe()  # once for the whole batch
+        embeddings = features["embed"]
+        prompt_count(embeddings.shape[0], boxes, points)
+        decoder = self.prompt_decoder()
         all_masks, all_scores = [], []
-        for index in range(batch_size):
-            prompts = self._image_prompts(index, boxes, points, embeddings.device)
-            sparse, dense = self.model.sam_prompt_encoder(points=prompts, boxes=None, masks=None)
-            masks, scores, _, _ = self.model.sam_mask_decoder(
-                image_embeddings=embeddings[index : index + 1],
-                image_pe=dense_positional,
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=multimask_output,
-                repeat_image=prompts is not None and prompts[0].shape[0] > 1,
-                high_res_features=[hires_s4[index : index + 1], hires_s8[index : index + 1]],
+        for index in range(embeddings.shape[0]):
+            masks, scores = decoder.decode(
+                {name: features[name][index : index + 1] for name in decoder.feature_names},
+                boxes=None if boxes is None else boxes[index],
+                points=None if points is None else (points[0][index], points[1][index]),
+                multimask=multimask_output,
             )
-            all_masks.append(masks.clamp(-LOW_RES_LOGIT_LIMIT, LOW_RES_LOGIT_LIMIT))
+            all_masks.append(masks)
             all_scores.append(scores)
         return torch.stack(all_masks), torch.stack(all_scores)
 
-    @staticmethod
-    def _image_prompts(
-        index: int,
-        boxes: torch.Tensor | None,
-        points: tuple[torch.Tensor, torch.Tensor] | None,
-        device: torch.device,
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Image ``index``'s prompts as SAM2 points ``([K, N, 2], [K, N])`` on ``device``;
-        boxes come first, as their two corners labelled 2 and 3."""
-        coords = labels = None
-        if points is not None:
-            coords, labels = points[0][index].to(device, torch.float32), points[1][index].to(device, torch.int)
-        if boxes is not None:
-            corners = boxes[index].to(device, torch.float32).reshape(-1, 2, 2)
-            corner_labels = torch.tensor([[2, 3]], dtype=torch.int, device=device).repeat(corners.shape[0], 1)
-            if coords is None:
-                coords, labels = corners, corner_labels
-            else:
-                coords, labels = torch.cat([corners, coords], dim=1), torch.cat([corner_labels, labels], dim=1)
-        return None if coords is None else (coords, labels)
+    def prompt_decoder(self) -> PromptDecoder:
+        """The official prompt encoder and mask decoder (shared with this teacher's model)."""
+        return PromptDecoder("sam2", self.model.sam_prompt_encoder, self.model.sam_mask_decoder)
 
     def preprocessing(self) -> dict[str, Any]:
         return {

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from vfmkd.geometry import Frame, longest_side_frame
+from vfmkd.ops.prompt_decoder import PromptDecoder
 from vfmkd.registry import TEACHERS
 from vfmkd.teachers.base import BaseTeacher, FeatureSpec
 from vfmkd.utils.state_dict import list_keys, load_state_dict_strict
@@ -403,33 +404,23 @@ class SAMTeacher(BaseTeacher):
         if "embed" not in features:
             raise ValueError(f"predict_masks needs the 'embed' feature, got {sorted(features)}")
         embeddings = features["embed"]
-        batch_size = embeddings.shape[0]
-        prompt_count(batch_size, boxes, points)
-        dense_positional = self.model.prompt_encoder.get_dense_pe()  # once for the whole batch
+        prompt_count(embeddings.shape[0], boxes, points)
+        decoder = self.prompt_decoder()
         all_masks, all_scores = [], []
-        device = embeddings.device
-        for index in range(batch_size):
-            image_points = None
-            if points is not None:
-                image_points = (
-                    points[0][index].to(device, torch.float32),
-                    points[1][index].to(device, torch.int),
-                )
-            sparse, dense = self.model.prompt_encoder(
-                points=image_points,
-                boxes=None if boxes is None else boxes[index].to(device, torch.float32),
-                masks=None,
-            )
-            masks, scores = self.model.mask_decoder(
-                image_embeddings=embeddings[index : index + 1],
-                image_pe=dense_positional,
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=multimask_output,
+        for index in range(embeddings.shape[0]):
+            masks, scores = decoder.decode(
+                {"embed": embeddings[index : index + 1]},
+                boxes=None if boxes is None else boxes[index],
+                points=None if points is None else (points[0][index], points[1][index]),
+                multimask=multimask_output,
             )
             all_masks.append(masks)
             all_scores.append(scores)
         return torch.stack(all_masks), torch.stack(all_scores)
+
+    def prompt_decoder(self) -> PromptDecoder:
+        """The official prompt encoder and mask decoder (shared with this teacher's model)."""
+        return PromptDecoder("sam", self.model.prompt_encoder, self.model.mask_decoder)
 
     def preprocessing(self) -> dict[str, Any]:
         return {

@@ -43,20 +43,21 @@ from torch import nn
 from vfmkd.models.heads.base import BaseHead, MapSpec
 from vfmkd.models.heads.prompts import Prompts, sample_prompts
 from vfmkd.ops.masks import masks_to_original
+from vfmkd.ops.prompt_decoder import (
+    FAMILIES,
+    PromptDecoder,
+    checkpoint_state,
+    load_prompt_modules,
+    official_prompt_modules,
+    to_official_coordinates,
+)
 from vfmkd.registry import HEADS
-from vfmkd.utils.state_dict import load_state_dict_strict
 
 __all__ = ["SAMMaskHead", "dice_loss"]
 
 logger = logging.getLogger(__name__)
 
 EMBED_STRIDE = 16
-DECODERS = ("sam", "sam2")
-# Official module prefixes in each family's checkpoint.
-CHECKPOINT_PREFIXES = {
-    "sam": ("prompt_encoder.", "mask_decoder."),
-    "sam2": ("sam_prompt_encoder.", "sam_mask_decoder."),
-}
 
 
 class _LayerNorm2d(nn.Module):
@@ -73,40 +74,6 @@ class _LayerNorm2d(nn.Module):
         variance = (x - mean).pow(2).mean(1, keepdim=True)
         x = (x - mean) / torch.sqrt(variance + self.eps)
         return self.weight[:, None, None] * x + self.bias[:, None, None]
-
-
-def _official_modules(decoder: str, embed_dim: int, depth: int, mlp_dim: int) -> tuple[nn.Module, nn.Module]:
-    """The official prompt encoder and mask decoder of a family, at its published sizes by default."""
-    # NOTE: imported here: segment_anything and sam2 are only needed when a mask head is built.
-    if decoder == "sam":
-        from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
-
-        family_settings: dict[str, Any] = {}
-    else:
-        from sam2.modeling.sam.mask_decoder import MaskDecoder
-        from sam2.modeling.sam.prompt_encoder import PromptEncoder
-        from sam2.modeling.sam.transformer import TwoWayTransformer
-
-        # NOTE: the settings of the SAM 2 / 2.1 model configs (sam2.1_hiera_*.yaml).
-        family_settings = dict(
-            use_high_res_features=True,
-            iou_prediction_use_sigmoid=True,
-            pred_obj_scores=True,
-            pred_obj_scores_mlp=True,
-            use_multimask_token_for_obj_ptr=True,
-        )
-    prompt_encoder = PromptEncoder(
-        embed_dim=embed_dim, image_embedding_size=(64, 64), input_image_size=(1024, 1024), mask_in_chans=16
-    )
-    mask_decoder = MaskDecoder(
-        num_multimask_outputs=3,
-        transformer=TwoWayTransformer(depth=depth, embedding_dim=embed_dim, mlp_dim=mlp_dim, num_heads=8),
-        transformer_dim=embed_dim,
-        iou_head_depth=3,
-        iou_head_hidden_dim=256,
-        **family_settings,
-    )
-    return prompt_encoder, mask_decoder
 
 
 def dice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -169,8 +136,8 @@ class SAMMaskHead(BaseHead):
         mlp_dim: int = 2048,
     ) -> None:
         super().__init__()
-        if decoder not in DECODERS:
-            raise ValueError(f"sam_mask_head: decoder must be one of {DECODERS}, got '{decoder}'")
+        if decoder not in FAMILIES:
+            raise ValueError(f"sam_mask_head: decoder must be one of {FAMILIES}, got '{decoder}'")
         missing = [level for level in in_features if level not in feature_dims]
         if missing:
             raise ValueError(f"sam_mask_head fuses {list(in_features)} but the neck lacks {missing} ({sorted(feature_dims)})")
@@ -199,7 +166,9 @@ class SAMMaskHead(BaseHead):
                 nn.ConvTranspose2d(int(feature_dims[finest]), self.embed_dim // 8, 2, stride=2),
                 nn.Conv2d(self.embed_dim // 8, self.embed_dim // 8, 3, padding=1),
             )
-        self.prompt_encoder, self.mask_decoder = _official_modules(decoder, self.embed_dim, transformer_depth, mlp_dim)
+        self.prompt_encoder, self.mask_decoder = official_prompt_modules(
+            decoder, embed_dim=self.embed_dim, depth=transformer_depth, mlp_dim=mlp_dim
+        )
         if init_from:
             self.load_official(init_from)
         self.prompt_encoder.requires_grad_(train_prompt_encoder)
@@ -216,16 +185,9 @@ class SAMMaskHead(BaseHead):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"sam_mask_head.init_from: no file {path}")
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-        state = loaded.get("model", loaded) if isinstance(loaded, Mapping) else loaded
-        for prefix, module in zip(CHECKPOINT_PREFIXES[self.decoder_type], (self.prompt_encoder, self.mask_decoder)):
-            part = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
-            load_state_dict_strict(
-                module,
-                part,
-                source=f"{path} ({prefix}*)",
-                hint=f"Is it an official {'SAM 2' if self.decoder_type == 'sam2' else 'SAM'} checkpoint (decoder: {self.decoder_type})?",
-            )
+        load_prompt_modules(
+            self.decoder_type, checkpoint_state(path), self.prompt_encoder, self.mask_decoder, source=str(path)
+        )
         logger.info("sam_mask_head: prompt encoder and decoder loaded from %s", path)
 
     # ----------------------------------------------------------------- maps
@@ -299,7 +261,7 @@ class SAMMaskHead(BaseHead):
                     }
                 )
                 continue
-            low_res, iou = self._decode(outputs, index, image_prompts)
+            low_res, iou = self.decode_prompts(outputs, index, image_prompts)
             if low_res.shape[1] > 1:
                 best = iou.argmax(dim=1)
                 rows = torch.arange(low_res.shape[0], device=low_res.device)
@@ -308,40 +270,27 @@ class SAMMaskHead(BaseHead):
             results.append({"masks": masks[:, 0], "low_res": low_res, "iou": iou[:, 0]})
         return results
 
-    def _decode(self, outputs: Mapping[str, Any], index: int, prompts: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode_prompts(self, outputs: Mapping[str, Any], index: int, prompts: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Low-resolution logits ``[N, M, H / 4, W / 4]`` and IoUs ``[N, M]`` of one image's prompts."""
         # NOTE: float32 maps, so decoding outside the autocast region of the forward (evaluation) works.
-        embedding = outputs["embed"][index : index + 1].float()
-        grid = tuple(embedding.shape[-2:])
-        self.prompt_encoder.image_embedding_size = grid
-        self.prompt_encoder.input_image_size = tuple(outputs["input_size"])
-        device = embedding.device
-        # NOTE: vfmkd puts pixel centres at i + 0.5; SAM's prompt encoders add the half pixel themselves.
-        boxes = prompts.get("boxes")
+        features = {"embed": outputs["embed"][index : index + 1].float()}
+        if self.decoder_type == "sam2":
+            features["hires_s8"] = outputs["hires_s8"][index : index + 1].float()
+            features["hires_s4"] = outputs["hires_s4"][index : index + 1].float()
         points = None
         if prompts.get("points") is not None:
-            points = (prompts["points"].to(device, torch.float32) - 0.5, prompts["point_labels"].to(device, torch.int))
-        mask_input = prompts.get("mask_input")
-        sparse, dense = self.prompt_encoder(
+            points = (to_official_coordinates(prompts["points"].float()), prompts["point_labels"])
+        boxes = prompts.get("boxes")
+        # NOTE: a view on this head's own modules, made per call so they are registered once.
+        decoder = PromptDecoder(self.decoder_type, self.prompt_encoder, self.mask_decoder)
+        return decoder.decode(
+            features,
+            boxes=None if boxes is None else to_official_coordinates(boxes.float()),
             points=points,
-            boxes=None if boxes is None else boxes.to(device, torch.float32) - 0.5,
-            masks=None if mask_input is None else mask_input.to(device, embedding.dtype),
+            mask_input=prompts.get("mask_input"),
+            multimask=self.multimask,
+            clamp=False,
         )
-        arguments = dict(
-            image_embeddings=embedding,
-            image_pe=self.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=self.multimask,
-        )
-        if self.decoder_type == "sam2":
-            masks, iou, _, _ = self.mask_decoder(
-                **arguments,
-                repeat_image=True,
-                high_res_features=[outputs["hires_s4"][index : index + 1].float(), outputs["hires_s8"][index : index + 1].float()],
-            )
-            return masks, iou
-        return self.mask_decoder(**arguments)
 
     # ------------------------------------------------------------------ loss
     def loss(self, outputs: Mapping[str, Any], targets: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -386,7 +335,7 @@ class SAMMaskHead(BaseHead):
             index = group // 2
             rows = (groups == group).nonzero().flatten()
             image_prompts = _image_prompts(prompts, rows)
-            low_res, iou = self._decode(outputs, index, image_prompts)
+            low_res, iou = self.decode_prompts(outputs, index, image_prompts)
             logits = F.interpolate(low_res.float(), size=outputs["input_size"], mode="bilinear", align_corners=False)
             target = targets["masks"][index][prompts.instance[rows]].float()
             if logits.shape[1] > 1:
