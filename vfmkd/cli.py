@@ -77,9 +77,12 @@ def run_training(config, *, resume: bool = False) -> int:
 def _print_result(result: dict) -> None:
     metrics = result.get("metrics") or {}
     if "mAP" in metrics:
-        _say(
-            f"mAP50-95 {metrics.get('mAP', 0.0):.4f}  mAP50 {metrics.get('mAP50', 0.0):.4f}"
-        )
+        _say(f"box mAP50-95 {metrics.get('mAP', 0.0):.4f}  mAP50 {metrics.get('mAP50', 0.0):.4f}")
+    if "mask_mAP" in metrics:
+        _say(f"mask mAP50-95 {metrics.get('mask_mAP', 0.0):.4f}  mAP50 {metrics.get('mask_mAP50', 0.0):.4f}")
+    miou = sorted(key for key in metrics if key.startswith("miou/"))
+    if miou:
+        _say("prompt mIoU  " + "  ".join(f"{key[len('miou/'):]} {metrics[key]:.4f}" for key in miou))
     for name in sorted(key for key in metrics if key.startswith("fidelity/")):
         _say(f"{name} {metrics[name]:.4f}")
     _say(f"run directory: {result.get('run_dir')}")

@@ -155,7 +155,7 @@ class _CountingDecoder:
     def __init__(self) -> None:
         self.calls: list[dict[str, Any]] = []
 
-    def decode(self, features, *, boxes=None, points=None, mask_input=None, multimask=False, clamp=True):
+    def decode(self, features, *, image_index=None, boxes=None, points=None, mask_input=None, multimask=False, clamp=True):
         self.calls.append({"boxes": boxes, "points": points, "mask_input": mask_input})
         count = len(boxes) if boxes is not None else len(points[0])
         size = features["embed"].shape[-1] * 4
@@ -328,3 +328,41 @@ def test_mask_kd_brings_the_students_masks_to_the_teachers(sam2_store: tuple[Pat
     trainer.train()
     after = _agreement(trainer)
     assert after >= before + 0.1, (before, after)
+
+
+def test_prompt_miou_also_measures_the_student_against_the_teacher(
+    sam2_store: tuple[Path, Path], synthetic_data_yaml: Path
+) -> None:
+    """With a mask term whose teacher can run on the validation images, training evaluation
+    reports ``miou_teacher/<prompt>``; the teacher's masks come back in the student's frame."""
+    from vfmkd.distillation.mask_kd import TeacherSegmenter
+    from vfmkd.evaluation import PromptMIoUEvaluator
+
+    root, checkpoint = sam2_store
+    config = _config(root, checkpoint, synthetic_data_yaml, offline_ratio=0.5, steps=1, train={"eval_interval": 1})
+    trainer = build_trainer(config)
+    result = trainer.train()
+    for key in ("box", "box+2", "point", "point+1"):
+        assert 0.0 <= result["metrics"][f"miou_teacher/{key}"] <= 1.0
+    evaluators = [hook for hook in trainer.hooks if hasattr(hook, "evaluators")][0].evaluators
+    assert any(isinstance(e, PromptMIoUEvaluator) and e.teacher_segment is not None for e in evaluators)
+
+    # The teacher's box masks (a box-shaped stand-in decoder) land on the boxes in the student input.
+    runtime = trainer.model.distiller.teachers
+    runtime._decoders["sam2"] = _CountingDecoder()
+    dataset = build_dataset({"dataset": str(synthetic_data_yaml), "img_size": IMG_SIZE, "load_masks": True}, "val", train=False)
+    from vfmkd.datasets.collate import collate_samples
+
+    batch = batch_to_device(collate_samples([dataset[0], dataset[1]]), trainer.device)
+    targets = batch["targets"]
+    prompts = [{"boxes": targets["boxes"][targets["batch_idx"] == row]} for row in range(2)]
+    results = TeacherSegmenter(runtime, "sam2")(batch, prompts)
+    ious = []
+    for image_prompts, result in zip(prompts, results):
+        for box, mask in zip(image_prompts["boxes"], result["masks"]):
+            expected = torch.zeros(IMG_SIZE, IMG_SIZE, dtype=torch.bool)
+            x0, y0, x1, y1 = box.round().long().tolist()
+            expected[y0:y1, x0:x1] = True
+            ious.append(mask_iou((mask > 0)[None], expected[None]).item())
+    # NOTE: the teacher's masks have 4-pixel cells at its 128-pixel input: small boxes lose some IoU.
+    assert len(ious) >= 4 and min(ious) >= 0.6 and sum(ious) / len(ious) >= 0.8, ious

@@ -39,8 +39,9 @@ from vfmkd.datasets import build_dataset
 from vfmkd.datasets.collate import collate_samples
 from vfmkd.distillation.distiller import DistilledModel, Distiller, build_distiller, task_loss_weights
 from vfmkd.distillation.fidelity import FidelityEvaluator
+from vfmkd.distillation.mask_kd import TeacherSegmenter
 from vfmkd.distillation.sources import DistillationDataset, TeacherFeatureCollate
-from vfmkd.evaluation import Evaluator
+from vfmkd.evaluation import Evaluator, PromptMIoUEvaluator
 from vfmkd.models import build_model
 from vfmkd.registry import EVALUATORS, HEADS
 
@@ -153,7 +154,26 @@ def build_evaluators(student: nn.Module, dataset: Any, distiller: Distiller | No
         evaluators += [EVALUATORS.get(name)(dataset) for name in names]
     if distiller is not None:
         evaluators.append(FidelityEvaluator(distiller))
+        _add_teacher_masks(evaluators, distiller)
     return evaluators
+
+
+def _add_teacher_masks(evaluators: list[Evaluator], distiller: Distiller) -> None:
+    """prompt_miou also measures the student against a mask term's teacher (``miou_teacher/...``).
+
+    The teacher reads its validation store, else runs live; an all-offline teacher without
+    a validation store is skipped, as for feature fidelity (never loaded just to evaluate).
+    """
+    for term in distiller.mask_terms:
+        plan = distiller.teachers.teacher_plans[term.teacher]
+        if not plan.config.val_feature_path and plan.offline_ratio >= 1.0:
+            logger.info("miou_teacher skipped for %s: all offline and no val_feature_path", term.teacher)
+            continue
+        for evaluator in evaluators:
+            if isinstance(evaluator, PromptMIoUEvaluator) and evaluator.teacher_segment is None:
+                evaluator.head_name = term.head
+                evaluator.teacher_segment = TeacherSegmenter(distiller.teachers, term.teacher)
+        return
 
 
 def default_hooks(

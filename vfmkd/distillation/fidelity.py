@@ -45,7 +45,8 @@ class FidelityEvaluator(Evaluator):
         skipped: set[str] = set()
         for key, plan in self.runtime.teacher_plans.items():
             if plan.config.val_feature_path:
-                features = tuple(sorted({term.feature for term in distiller.terms if term.teacher == key}))
+                # NOTE: with the mask terms' decoder inputs, which prompt_miou's teacher reads.
+                features = tuple(sorted(self.runtime.features_of(key)))
                 self.plans.append(OfflinePlan(key, plan.config.val_feature_path, features, 1.0))
             elif plan.offline_ratio >= 1.0:
                 skipped.add(key)
@@ -61,7 +62,7 @@ class FidelityEvaluator(Evaluator):
 
     def prepare_data(self, dataset: Dataset, collate_fn: Collate) -> tuple[Dataset, Collate]:
         """Samples carry the validation stores' records of the teachers that have one."""
-        if not self.terms:
+        if not self.plans:
             return dataset, collate_fn
         return DistillationDataset(dataset, self.plans), TeacherFeatureCollate(collate_fn)
 

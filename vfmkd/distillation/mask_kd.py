@@ -43,7 +43,14 @@ from vfmkd.ops.masks import refinement_points
 from vfmkd.ops.prompt_decoder import PromptDecoder, to_official_coordinates
 from vfmkd.registry import LOSSES
 
-__all__ = ["DecoderRecord", "MaskDistillation", "MaskTermPlan", "map_prompt_points", "map_prompt_boxes"]
+__all__ = [
+    "DecoderRecord",
+    "MaskDistillation",
+    "MaskTermPlan",
+    "TeacherSegmenter",
+    "map_prompt_boxes",
+    "map_prompt_points",
+]
 
 UNLABELED_PROMPTS = ("grid", "boxes", "none")
 #: Input pixels per cell of a SAM decoder's low-resolution mask (the stride-16 embedding upscaled 4x).
@@ -186,13 +193,14 @@ class MaskDistillation(nn.Module):
         """
         with torch.autocast(device_type=head_outputs["embed"].device.type, enabled=False):
             groups = self._prompt_groups(head_outputs, records, targets, detections)
-            total = head_outputs["embed"].float().sum() * 0.0
-            decodes = 0
-            for row, tile, prompts in groups:
-                value, count = self._group_loss(head, head_outputs, decoder, row, records[row][tile], prompts)
-                total = total + value
-                decodes += count
-            return total / max(decodes, 1)
+            # NOTE: a zero-weighted tie gives the head's trainable parameters an exact zero
+            # gradient when no prompt was drawn (DDP needs every one to get one each step).
+            total = 0.0 * sum(p.float().sum() for p in head.parameters() if p.requires_grad)
+            total = total + 0.0 * head_outputs["embed"].float().sum()
+            if not groups:
+                return total
+            prompt_set = _PromptSet.from_groups(groups, records)
+            return total + self._loop_loss(head, head_outputs, decoder, prompt_set)
 
     # -------------------------------------------------------------- prompts
     def _prompt_groups(
@@ -210,23 +218,19 @@ class MaskDistillation(nn.Module):
         groups: list[tuple[int, int, dict[str, torch.Tensor]]] = []
         if targets is not None and targets.get("masks") is not None and any(labelled):
             prompts = sample_prompts(targets, max_instances=self.max_instances, point_probability=self.point_probability)
-            tiles = _prompt_tiles(prompts, targets)
-            for row, tile, has_box in sorted(set(zip(prompts.image_index.tolist(), tiles, prompts.has_box.tolist()))):
-                if tile >= len(records[row]):
-                    continue
-                chosen = [
-                    index
-                    for index, (r, t, b) in enumerate(zip(prompts.image_index.tolist(), tiles, prompts.has_box.tolist()))
-                    if (r, t, b) == (row, tile, has_box)
-                ]
-                groups.append((row, tile, _select(prompts, torch.tensor(chosen, device=prompts.device))))
+            keys = list(zip(prompts.image_index.tolist(), _prompt_tiles(prompts, targets), prompts.has_box.tolist()))
+            for key in sorted(set(keys)):
+                row, tile, _ = key
+                if tile < len(records[row]):  # a tile the teacher has no record of is skipped
+                    chosen = torch.tensor([index for index, other in enumerate(keys) if other == key], device=device)
+                    groups.append((row, tile, _select(prompts, chosen)))
         for row, row_records in enumerate(records):
             if labelled[row] or not row_records or self.unlabeled_prompts == "none":
                 continue
             if self.unlabeled_prompts == "grid":
-                points = self._grid_points(row_records, height, width, device)
-                for tile, tile_points in points.items():
-                    groups.append((row, tile, {"points": tile_points[:, None], "point_labels": torch.ones(len(tile_points), 1, dtype=torch.int64, device=device)}))
+                for tile, points in self._grid_points(row_records, height, width, device).items():
+                    labels = torch.ones(len(points), 1, dtype=torch.int64, device=device)
+                    groups.append((row, tile, {"points": points[:, None], "point_labels": labels}))
             elif detections is not None:
                 for tile, boxes in self._detected_boxes(detections[row], row_records).items():
                     groups.append((row, tile, {"boxes": boxes}))
@@ -264,38 +268,24 @@ class MaskDistillation(nn.Module):
         return {tile: torch.stack(items) for tile, items in by_tile.items()}
 
     # -------------------------------------------------------------- decoding
-    def _group_loss(
-        self,
-        head: nn.Module,
-        head_outputs: Mapping[str, Any],
-        decoder: PromptDecoder,
-        row: int,
-        record: DecoderRecord,
-        prompts: dict[str, torch.Tensor],
-    ) -> tuple[torch.Tensor, int]:
-        """Summed loss over the group's prompts and decodes, and how many prompt-decodes that was."""
-        height, width = head_outputs["input_size"]
-        student_prompts = dict(prompts)
-        teacher_prompts = self._teacher_prompts(prompts, record)
+    def _loop_loss(
+        self, head: nn.Module, head_outputs: Mapping[str, Any], decoder: PromptDecoder, prompts: "_PromptSet"
+    ) -> torch.Tensor:
+        """Mean BCE + Dice over every prompt and decode of the loop (all prompts of the batch at once)."""
+        size = tuple(head_outputs["input_size"])
         total = head_outputs["embed"].float().sum() * 0.0
-        count = 0
         for iteration in range(self.decode_iters + 1):
-            teacher_low, target, valid = teacher_masks(decoder, record, teacher_prompts, (height, width))
-            student_low, logits = student_masks(head, head_outputs, row, student_prompts)
+            teacher_low, target, valid = prompts.teacher_masks(decoder, size)
+            student_low, logits = prompts.student_masks(head, head_outputs)
             bce, dice = _masked_bce_dice(logits, target, valid)
-            total = total + (self.bce_weight * bce + self.dice_weight * dice).sum()
-            count += len(logits)
+            total = total + (self.bce_weight * bce + self.dice_weight * dice).mean()
             if iteration == self.decode_iters:
                 break
             points, labels = refinement_points(
                 (logits.detach() > 0) & valid, target.bool(), torch.default_generator, self.min_error_pixels
             )
-            student_prompts = _with_point(student_prompts, points, labels, student_low.detach())
-            teacher_points = map_prompt_points(points, record)
-            teacher_prompts = _with_point(
-                teacher_prompts, to_official_coordinates(teacher_points), labels, teacher_low[:, :1]
-            )
-        return total, count
+            prompts.add_point(points, labels, student_low.detach(), teacher_low)
+        return total / (self.decode_iters + 1)
 
     @torch.no_grad()
     def agreement(
@@ -312,16 +302,15 @@ class MaskDistillation(nn.Module):
             prompts: (batch row, record, prompt dict in student pixels) groups, as the
                 loss draws them.
         """
-        height, width = head_outputs["input_size"]
-        ious = []
-        for row, tile, group in prompts:
-            record = records[row][tile]
-            _, target, valid = teacher_masks(decoder, record, self._teacher_prompts(group, record), (height, width))
-            _, logits = student_masks(head, head_outputs, row, group)
-            predicted, target = (logits > 0) & valid, target.bool()
-            union = (predicted | target).flatten(1).sum(1).float()
-            ious.append(torch.where(union > 0, (predicted & target).flatten(1).sum(1) / union.clamp(min=1), torch.ones_like(union)))
-        return torch.cat(ious) if ious else torch.zeros(0)
+        if not prompts:
+            return torch.zeros(0)
+        prompt_set = _PromptSet.from_groups(prompts, records)
+        _, target, valid = prompt_set.teacher_masks(decoder, tuple(head_outputs["input_size"]))
+        _, logits = prompt_set.student_masks(head, head_outputs)
+        predicted, target = (logits > 0) & valid, target.bool()
+        union = (predicted | target).flatten(1).sum(1).float()
+        intersection = (predicted & target).flatten(1).sum(1).float()
+        return torch.where(union > 0, intersection / union.clamp(min=1), torch.ones_like(union))
 
     @staticmethod
     def _teacher_prompts(prompts: Mapping[str, torch.Tensor], record: DecoderRecord) -> dict[str, Any]:
@@ -335,33 +324,176 @@ class MaskDistillation(nn.Module):
         return mapped
 
 
-@torch.no_grad()
-def teacher_masks(
-    decoder: PromptDecoder, record: DecoderRecord, prompts: Mapping[str, Any], size: tuple[int, int]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The teacher's masks of prompts (teacher frame, official coordinates) in the student's frame.
+class _PromptSet:
+    """Every prompt of a batch for the loop: student-input and teacher-input coordinates side by side.
 
-    Returns:
-        ``low_res [N, 1, S / 4, S / 4]`` teacher logits (its next mask input), ``target [N, H,
-        W]`` float binary mask and ``valid [N, H, W]`` bool (pixels the teacher saw).
+    Decoding goes by kind (box prompts apart from point prompts, as the official predictors
+    take them): one student and one teacher decoder call per kind, whatever the batch size.
     """
-    low_res, _ = decoder.decode(record.features, multimask=False, **_as_decoder_prompts(prompts))
-    low_res = low_res[:, :1].float()
-    count = len(low_res)
-    warped, valid = warp_features_batch(
-        low_res, [record.teacher_frame] * count, LOW_RES_STRIDE, [record.student_frame] * count, size, 1
-    )
-    return low_res, ((warped > 0) & valid).float()[:, 0], valid[:, 0]
+
+    def __init__(
+        self,
+        rows: torch.Tensor,
+        record_index: torch.Tensor,
+        records: list[DecoderRecord],
+        has_box: torch.Tensor,
+        student: dict[str, torch.Tensor],
+        teacher: dict[str, torch.Tensor],
+    ) -> None:
+        self.rows, self.record_index, self.records, self.has_box = rows, record_index, records, has_box
+        self.student, self.teacher = student, teacher  # boxes [P, 4], points [P, K, 2], point_labels [P, K], mask_input
+        self.teacher_frames = [records[index].teacher_frame for index in record_index.tolist()]
+        self.student_frames = [records[index].student_frame for index in record_index.tolist()]
+        names = sorted(records[0].features)
+        self.features = {name: torch.cat([record.features[name] for record in records]) for name in names}
+
+    @classmethod
+    def from_groups(
+        cls, groups: Sequence[tuple[int, int, Mapping[str, torch.Tensor]]], records: Sequence[Sequence[DecoderRecord]]
+    ) -> "_PromptSet":
+        """From (batch row, record, prompt dict in student pixels) groups."""
+        unique: dict[tuple[int, int], int] = {}
+        rows, record_index, has_box, boxes, points, labels = [], [], [], [], [], []
+        slots = max(int(group["points"].shape[1]) if group.get("points") is not None else 0 for _, _, group in groups)
+        for row, tile, group in groups:
+            count = _prompt_rows(group)
+            device = next(iter(group.values())).device
+            index = unique.setdefault((row, tile), len(unique))
+            rows += [row] * count
+            record_index += [index] * count
+            has_box += [group.get("boxes") is not None] * count
+            boxes.append(group["boxes"].float() if group.get("boxes") is not None else torch.zeros(count, 4, device=device))
+            group_points = group.get("points", torch.zeros(count, 0, 2, device=device)).float()
+            group_labels = group.get("point_labels", torch.zeros(count, 0, dtype=torch.int64, device=device)).long()
+            pad = slots - group_points.shape[1]
+            points.append(F.pad(group_points, (0, 0, 0, pad)))
+            labels.append(F.pad(group_labels, (0, pad), value=PADDING_LABEL))
+        flat_records = [records[row][tile] for (row, tile) in unique]
+        device = boxes[0].device
+        record_tensor = torch.tensor(record_index, dtype=torch.int64, device=device)
+        student = {"boxes": torch.cat(boxes), "points": torch.cat(points), "point_labels": torch.cat(labels)}
+        teacher = {
+            "boxes": _map_by_record(student["boxes"], record_tensor, flat_records, map_prompt_boxes),
+            "points": _map_by_record(student["points"], record_tensor, flat_records, map_prompt_points),
+            "point_labels": student["point_labels"],
+        }
+        return cls(
+            torch.tensor(rows, dtype=torch.int64, device=device),
+            record_tensor,
+            flat_records,
+            torch.tensor(has_box, dtype=torch.bool, device=device),
+            student,
+            teacher,
+        )
+
+    def _by_kind(self, side: dict[str, torch.Tensor], official: bool) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+        """(prompt rows, decoder prompts) per kind; all-padding point columns dropped."""
+        kinds = []
+        for has_box in self.has_box.unique().tolist():
+            rows = (self.has_box == has_box).nonzero().flatten()
+            prompts: dict[str, Any] = {}
+            shift = to_official_coordinates if official else (lambda value: value)
+            if has_box:
+                prompts["boxes"] = shift(side["boxes"][rows])
+            labels = side["point_labels"][rows]
+            used = (labels != PADDING_LABEL).any(dim=0)
+            if bool(used.any()):
+                prompts["points"] = shift(side["points"][rows][:, used])
+                prompts["point_labels"] = labels[:, used]
+            if side.get("mask_input") is not None:
+                prompts["mask_input"] = side["mask_input"][rows]
+            kinds.append((rows, prompts))
+        return kinds
+
+    @torch.no_grad()
+    def teacher_masks(self, decoder: PromptDecoder, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The teacher's low-res logits ``[P, 1, S / 4, S / 4]``, and its binary masks ``[P, H, W]``
+        with their valid pixels in the student's frame."""
+        low_res = None
+        for rows, prompts in self._by_kind(self.teacher, official=True):
+            decoded, _ = decoder.decode(
+                self.features, image_index=self.record_index[rows], multimask=False, **_as_decoder_prompts(prompts)
+            )
+            if low_res is None:
+                low_res = decoded.new_zeros((len(self.rows), 1, *decoded.shape[-2:]), dtype=torch.float32)
+            low_res[rows] = decoded[:, :1].float()
+        warped, valid = warp_features_batch(low_res, self.teacher_frames, LOW_RES_STRIDE, self.student_frames, size, 1)
+        return low_res, ((warped > 0) & valid).float()[:, 0], valid[:, 0]
+
+    def student_masks(self, head: nn.Module, head_outputs: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The student's low-res logits ``[P, 1, H / 4, W / 4]`` and input-size logits ``[P, H, W]``."""
+        parts, order = [], []
+        for rows, prompts in self._by_kind(self.student, official=False):
+            decoded, _ = head.decode_prompts(head_outputs, self.rows[rows], prompts)
+            parts.append(decoded[:, :1])
+            order.append(rows)
+        low_res = torch.cat(parts)[torch.cat(order).argsort()]
+        size = tuple(head_outputs["input_size"])
+        logits = F.interpolate(low_res.float(), size=size, mode="bilinear", align_corners=False)
+        return low_res, logits[:, 0]
+
+    def add_point(self, points: torch.Tensor, labels: torch.Tensor, student_low: torch.Tensor, teacher_low: torch.Tensor) -> None:
+        """One more point per prompt (label -1: none) on both sides, and each side's previous mask as input."""
+        teacher_points = _map_by_record(points[:, None].float(), self.record_index, self.records, map_prompt_points)
+        self.student = _with_point(self.student, points, labels, student_low)
+        self.teacher = _with_point(self.teacher, teacher_points[:, 0], labels, teacher_low)
 
 
-def student_masks(
-    head: nn.Module, head_outputs: Mapping[str, Any], row: int, prompts: Mapping[str, Any]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The student head's ``low_res [N, 1, H / 4, W / 4]`` and input-size ``[N, H, W]`` logits of prompts."""
-    low_res, _ = head.decode_prompts(head_outputs, row, prompts)
-    low_res = low_res[:, :1]
-    logits = F.interpolate(low_res.float(), size=tuple(head_outputs["input_size"]), mode="bilinear", align_corners=False)
-    return low_res, logits[:, 0]
+def _map_by_record(values: torch.Tensor, record_index: torch.Tensor, records: list[DecoderRecord], mapping: Any) -> torch.Tensor:
+    """Student-input coordinates mapped into each prompt's teacher input (``mapping`` per record)."""
+    mapped = torch.zeros_like(values)
+    for index in record_index.unique().tolist():
+        rows = (record_index == index).nonzero().flatten()
+        if values[rows].numel():
+            mapped[rows] = mapping(values[rows], records[index])
+    return mapped
+
+
+def _prompt_rows(prompts: Mapping[str, torch.Tensor]) -> int:
+    for key in ("boxes", "points", "mask_input"):
+        if prompts.get(key) is not None:
+            return int(prompts[key].shape[0])
+    return 0
+
+
+class TeacherSegmenter:
+    """A mask term's teacher as :class:`~vfmkd.evaluation.miou.PromptMIoUEvaluator`'s ``teacher_segment``.
+
+    Prompts come in student-input pixels (with the teacher's own previous ``low_res`` as
+    ``mask_input``); the teacher decodes them on its features of the batch (validation
+    store records when the batch has them, else a live pass) and its mask logits come back
+    in the student's input frame (``-100`` where the teacher saw nothing).
+
+    Args:
+        runtime: the distiller's :class:`~vfmkd.distillation.teacher_runtime.TeacherRuntime`.
+        teacher: the teacher's key.
+    """
+
+    def __init__(self, runtime: Any, teacher: str) -> None:
+        self.runtime = runtime
+        self.teacher = teacher
+
+    @torch.no_grad()
+    def __call__(self, batch: Mapping[str, Any], prompts: Sequence[Mapping[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        images = batch["images"]
+        device = images.device
+        records = self.runtime.decoder_records(dict(batch), device, self.teacher)
+        decoder = self.runtime.prompt_decoder(self.teacher, device)
+        size = tuple(images.shape[-2:])
+        results = []
+        for row, image_prompts in enumerate(prompts):
+            record = records[row][0]
+            mapped = MaskDistillation._teacher_prompts(image_prompts, record)
+            if image_prompts.get("mask_input") is not None:
+                mapped["mask_input"] = image_prompts["mask_input"]
+            low_res, _ = decoder.decode(record.features, multimask=False, **_as_decoder_prompts(mapped))
+            low_res = low_res[:, :1].float()
+            count = len(low_res)
+            warped, valid = warp_features_batch(
+                low_res, [record.teacher_frame] * count, LOW_RES_STRIDE, [record.student_frame] * count, size, 1
+            )
+            results.append({"masks": warped[:, 0].masked_fill(~valid[:, 0], -100.0), "low_res": low_res})
+        return results
 
 
 def _as_decoder_prompts(prompts: Mapping[str, Any]) -> dict[str, Any]:

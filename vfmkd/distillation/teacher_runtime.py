@@ -83,7 +83,7 @@ class TeacherRuntime:
         for key, plan in self.teacher_plans.items():
             if plan.store is None or (plan.offline_ratio == 0.0 and plan.write_back is None):
                 continue
-            features = tuple(sorted(self._features_of(key)))
+            features = tuple(sorted(self.features_of(key)))
             preprocess = None
             if plan.write_back is not None:
                 teacher = plan.teacher if plan.teacher is not None else self._online[key]
@@ -91,7 +91,7 @@ class TeacherRuntime:
             plans.append(OfflinePlan(key, str(plan.config.feature_path), features, plan.offline_ratio, preprocess))
         return plans
 
-    def _features_of(self, key: str) -> set[str]:
+    def features_of(self, key: str) -> set[str]:
         """The features of teacher ``key`` that the terms use (mask terms: the decoder's inputs)."""
         features = {term.feature for term in self.terms if term.teacher == key}
         for term in self.mask_terms:
@@ -105,7 +105,7 @@ class TeacherRuntime:
         teacher = self._online.get(key)
         if teacher is None:
             plan = self.teacher_plans[key]
-            features = sorted(self._features_of(key))
+            features = sorted(self.features_of(key))
             teacher = plan.teacher
             if teacher is None:
                 teacher = build_teacher_from_config(key, plan.config, features=features)
@@ -237,7 +237,7 @@ class TeacherRuntime:
         the batch's store rows; online images: one record from the live teacher's pass on
         the augmented image (shared with :meth:`teacher_targets` in the same step).
         """
-        names = sorted(self._features_of(key) & set(DECODER_FEATURES[prompt_family(self.teacher_plans[key].registry_name)]))
+        names = sorted(self.features_of(key) & set(DECODER_FEATURES[prompt_family(self.teacher_plans[key].registry_name)]))
         images = batch["images"]
         records: list[list[DecoderRecord]] = [[] for _ in range(images.shape[0])]
         record = batch.get(OFFLINE_KEY, {}).get(key)

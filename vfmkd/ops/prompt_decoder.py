@@ -197,17 +197,22 @@ class PromptDecoder(nn.Module):
         self,
         features: Mapping[str, torch.Tensor],
         *,
+        image_index: torch.Tensor | None = None,
         boxes: torch.Tensor | None = None,
         points: tuple[torch.Tensor, torch.Tensor] | None = None,
         mask_input: torch.Tensor | None = None,
         multimask: bool = False,
         clamp: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Low-resolution mask logits and predicted IoUs of N prompts on one image.
+        """Low-resolution mask logits and predicted IoUs of N prompts on B images.
+
+        SAM 2's decoder takes every prompt in one call (each with its image's maps); SAM's
+        repeats one image per call, so its prompts are decoded image by image.
 
         Args:
-            features: ``embed [1, 256, S / 16, S / 16]`` (SAM 2 also ``hires_s8 [1, 64, S / 8,
-                S / 8]`` and ``hires_s4 [1, 32, S / 4, S / 4]``).
+            features: ``embed [B, 256, S / 16, S / 16]`` (SAM 2 also ``hires_s8 [B, 64, S / 8,
+                S / 8]`` and ``hires_s4 [B, 32, S / 4, S / 4]``).
+            image_index: ``[N]`` the image of each prompt (default: all on image 0).
             boxes: ``[N, 4]`` xyxy, official coordinates (see the module docstring).
             points: ``(coords [N, K, 2], labels [N, K])``, labels 1 / 0 / -1 (padding).
             mask_input: ``[N, 1, S / 4, S / 4]`` previous low-resolution logits.
@@ -216,14 +221,16 @@ class PromptDecoder(nn.Module):
                 training passes False).
 
         Returns:
-            ``[N, M, S / 4, S / 4]`` logits
-            and ``[N, M]`` IoUs, ``M`` 3 or 1.
+            ``[N, M, S / 4, S / 4]`` logits and ``[N, M]`` IoUs, ``M`` 3 or 1.
         """
         missing = [name for name in self.feature_names if name not in features]
         if missing:
             raise ValueError(f"the {self.family} prompt decoder needs the features {list(self.feature_names)}; missing {missing}")
         embedding = features["embed"]
         device = embedding.device
+        count = _prompt_rows(boxes, points, mask_input)
+        if image_index is None:
+            image_index = torch.zeros(count, dtype=torch.int64, device=device)
         # NOTE: the prompt encoder's grid follows the embedding (any input that is a multiple of
         # 16 works); at the model's own input size these are its values.
         grid = (int(embedding.shape[-2]), int(embedding.shape[-1]))
@@ -236,26 +243,65 @@ class PromptDecoder(nn.Module):
         if mask_input is not None:
             mask_input = mask_input.to(device, embedding.dtype)
         if self.family == "sam":
-            sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
-            return self.mask_decoder(
-                image_embeddings=embedding,
-                image_pe=self.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=multimask,
-            )
+            return self._decode_per_image(embedding, image_index.to(device), boxes, points, mask_input, multimask)
         points = _boxes_as_points(boxes, points)
         sparse, dense = self.prompt_encoder(points=points, boxes=None, masks=mask_input)
+        image_index = image_index.to(device)
         masks, iou, _, _ = self.mask_decoder(
-            image_embeddings=embedding,
+            image_embeddings=embedding[image_index],
             image_pe=self.prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=multimask,
-            repeat_image=sparse.shape[0] > 1,
-            high_res_features=[features["hires_s4"], features["hires_s8"]],
+            repeat_image=False,
+            high_res_features=[features["hires_s4"][image_index], features["hires_s8"][image_index]],
         )
         return (masks.clamp(-LOW_RES_LOGIT_LIMIT, LOW_RES_LOGIT_LIMIT) if clamp else masks), iou
+
+    def _decode_per_image(
+        self,
+        embedding: torch.Tensor,
+        image_index: torch.Tensor,
+        boxes: torch.Tensor | None,
+        points: tuple[torch.Tensor, torch.Tensor] | None,
+        mask_input: torch.Tensor | None,
+        multimask: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """SAM: one decoder call per image, results put back in prompt order."""
+        dense_pe = self.prompt_encoder.get_dense_pe()
+        all_masks: list[torch.Tensor] = []
+        all_iou: list[torch.Tensor] = []
+        rows_of: list[torch.Tensor] = []
+        for image in image_index.unique().tolist():
+            rows = (image_index == image).nonzero().flatten()
+            sparse, dense = self.prompt_encoder(
+                points=None if points is None else (points[0][rows], points[1][rows]),
+                boxes=None if boxes is None else boxes[rows],
+                masks=None if mask_input is None else mask_input[rows],
+            )
+            masks, iou = self.mask_decoder(
+                image_embeddings=embedding[image : image + 1],
+                image_pe=dense_pe,
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=multimask,
+            )
+            all_masks.append(masks)
+            all_iou.append(iou)
+            rows_of.append(rows)
+        order = torch.cat(rows_of).argsort()
+        return torch.cat(all_masks)[order], torch.cat(all_iou)[order]
+
+
+def _prompt_rows(
+    boxes: torch.Tensor | None, points: tuple[torch.Tensor, torch.Tensor] | None, mask_input: torch.Tensor | None
+) -> int:
+    """How many prompts are given (the first of boxes, points, mask input that is present; 1 when none is:
+    the official decoders then decode the image with no prompt)."""
+    for value in (boxes, None if points is None else points[0], mask_input):
+        if value is not None:
+            return int(value.shape[0])
+    return 1
 
 
 def _boxes_as_points(

@@ -270,13 +270,21 @@ class SAMMaskHead(BaseHead):
             results.append({"masks": masks[:, 0], "low_res": low_res, "iou": iou[:, 0]})
         return results
 
-    def decode_prompts(self, outputs: Mapping[str, Any], index: int, prompts: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Low-resolution logits ``[N, M, H / 4, W / 4]`` and IoUs ``[N, M]`` of one image's prompts."""
+    def decode_prompts(
+        self, outputs: Mapping[str, Any], index: int | torch.Tensor, prompts: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Low-resolution logits ``[N, M, H / 4, W / 4]`` and IoUs ``[N, M]`` of prompts.
+
+        Args:
+            outputs: :meth:`forward`'s outputs.
+            index: the batch image of every prompt (an int), or of each (``[N]`` int64).
+            prompts: ``boxes``, ``points`` / ``point_labels``, ``mask_input`` (input pixels).
+        """
+        count = _prompt_count(prompts)
+        device = outputs["embed"].device
+        image_index = torch.full((count,), index, dtype=torch.int64, device=device) if isinstance(index, int) else index
         # NOTE: float32 maps, so decoding outside the autocast region of the forward (evaluation) works.
-        features = {"embed": outputs["embed"][index : index + 1].float()}
-        if self.decoder_type == "sam2":
-            features["hires_s8"] = outputs["hires_s8"][index : index + 1].float()
-            features["hires_s4"] = outputs["hires_s4"][index : index + 1].float()
+        features = {name: outputs[name].float() for name in self.map_specs}
         points = None
         if prompts.get("points") is not None:
             points = (to_official_coordinates(prompts["points"].float()), prompts["point_labels"])
@@ -285,6 +293,7 @@ class SAMMaskHead(BaseHead):
         decoder = PromptDecoder(self.decoder_type, self.prompt_encoder, self.mask_decoder)
         return decoder.decode(
             features,
+            image_index=image_index,
             boxes=None if boxes is None else to_official_coordinates(boxes.float()),
             points=points,
             mask_input=prompts.get("mask_input"),
@@ -330,14 +339,13 @@ class SAMMaskHead(BaseHead):
         all_logits, all_iou, all_targets = [], [], []
         # NOTE: box prompts and point prompts are decoded apart, as the official predictors
         # take them (SAM embeds a box through its prompt encoder's box path only).
-        groups = prompts.image_index * 2 + prompts.has_box.long()
-        for group in groups.unique().tolist():
-            index = group // 2
-            rows = (groups == group).nonzero().flatten()
-            image_prompts = _image_prompts(prompts, rows)
-            low_res, iou = self.decode_prompts(outputs, index, image_prompts)
+        for has_box in prompts.has_box.unique().tolist():
+            rows = (prompts.has_box == has_box).nonzero().flatten()
+            low_res, iou = self.decode_prompts(outputs, prompts.image_index[rows], _image_prompts(prompts, rows))
             logits = F.interpolate(low_res.float(), size=outputs["input_size"], mode="bilinear", align_corners=False)
-            target = targets["masks"][index][prompts.instance[rows]].float()
+            target = torch.stack(
+                [targets["masks"][image][instance] for image, instance in zip(prompts.image_index[rows].tolist(), prompts.instance[rows].tolist())]
+            ).float()
             if logits.shape[1] > 1:
                 per_output = [
                     F.binary_cross_entropy_with_logits(logits[:, k], target, reduction="none").flatten(1).mean(1)
