@@ -226,6 +226,22 @@ def test_unlabelled_images_are_prompted_by_a_grid_inside_the_valid_region() -> N
     ).item() == 0.0
 
 
+def test_unlabelled_images_can_be_prompted_by_the_detectors_boxes() -> None:
+    torch.manual_seed(0)
+    student = _tiny_student()
+    outputs = student(torch.rand(1, 3, 64, 64))["segmentation"]
+    frame = Frame.identity(64, 64)
+    record = DecoderRecord({"embed": torch.zeros(1, 256, 4, 4)}, frame, frame)
+    detections = [{"boxes": torch.tensor([[30.0, 30.0, 60.0, 60.0], [4.0, 4.0, 20.0, 20.0], [1.0, 1.0, 1.5, 1.5]]),
+                   "scores": torch.tensor([0.1, 0.9, 0.8])}]
+    decoder = _CountingDecoder()
+    loss = MaskDistillation(unlabeled_prompts="boxes", decode_iters=0, box_threshold=0.25)
+    value = loss(student.heads["segmentation"], outputs, decoder, [[record]], {"has_labels": torch.zeros(1, dtype=torch.bool)}, detections)
+    assert value.item() > 0
+    # The 0.1 box is below the threshold, the sub-pixel one is no box to prompt with.
+    assert (decoder.calls[0]["boxes"] + 0.5).tolist() == [[4.0, 4.0, 20.0, 20.0]]
+
+
 # --------------------------------------------------------------------------- in training
 @pytest.fixture(scope="module")
 def sam2_store(tmp_path_factory: pytest.TempPathFactory, synthetic_data_yaml: Path) -> tuple[Path, Path]:

@@ -39,7 +39,7 @@ from vfmkd.datasets import build_dataset
 from vfmkd.datasets.collate import collate_samples
 from vfmkd.distillation.distiller import DistilledModel, Distiller, build_distiller, task_loss_weights
 from vfmkd.distillation.fidelity import FidelityEvaluator
-from vfmkd.distillation.mask_kd import TeacherSegmenter
+from vfmkd.distillation.mask_prompts import TeacherSegmenter
 from vfmkd.distillation.sources import DistillationDataset, TeacherFeatureCollate
 from vfmkd.evaluation import Evaluator, PromptMIoUEvaluator
 from vfmkd.models import build_model

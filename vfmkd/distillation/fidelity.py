@@ -62,7 +62,7 @@ class FidelityEvaluator(Evaluator):
 
     def prepare_data(self, dataset: Dataset, collate_fn: Collate) -> tuple[Dataset, Collate]:
         """Samples carry the validation stores' records of the teachers that have one."""
-        if not self.plans:
+        if not self.terms and not self.plans:
             return dataset, collate_fn
         return DistillationDataset(dataset, self.plans), TeacherFeatureCollate(collate_fn)
 

@@ -22,7 +22,8 @@ import torch
 from vfmkd.config import ConfigError, ExperimentConfig
 from vfmkd.datasets import resolve_dataset
 from vfmkd.distillation.plan import TeacherPlan, TermPlan, term_grid_stride
-from vfmkd.distillation.mask_kd import DecoderRecord, MaskTermPlan
+from vfmkd.distillation.mask_kd import MaskTermPlan
+from vfmkd.distillation.mask_prompts import DecoderRecord
 from vfmkd.distillation.sources import (
     OFFLINE_KEY,
     WRITE_BACK_KEY,

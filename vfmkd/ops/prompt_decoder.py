@@ -225,7 +225,9 @@ class PromptDecoder(nn.Module):
         """
         missing = [name for name in self.feature_names if name not in features]
         if missing:
-            raise ValueError(f"the {self.family} prompt decoder needs the features {list(self.feature_names)}; missing {missing}")
+            raise ValueError(
+                f"the {self.family} prompt decoder needs the features {list(self.feature_names)}; missing {missing}"
+            )
         embedding = features["embed"]
         device = embedding.device
         count = _prompt_rows(boxes, points, mask_input)

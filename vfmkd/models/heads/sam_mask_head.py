@@ -21,7 +21,10 @@ Training: per labelled image up to ``max_instances`` instances, each prompted by
 or by one point inside its mask (:func:`~vfmkd.models.heads.prompts.sample_prompts`);
 loss ``bce_weight`` x BCE + ``dice_weight`` x Dice on the mask logits upsampled to the
 input (EdgeSAM's 5 : 5), and ``iou_weight`` x MSE of the predicted IoU against the
-mask's real IoU: ``seg/bce``, ``seg/dice``, ``seg/iou``.
+mask's real IoU: ``seg/bce``, ``seg/dice``, ``seg/iou``. Then ``refine_iters`` rounds of
+SAM's interactive training: a click drawn where the mask is wrong (positive in a miss,
+negative in an over-segmentation) is added, the low-res mask is fed back as mask input,
+and the losses are averaged over the rounds (so refinement clicks help at inference).
 
 Example (experiment YAML)::
 
@@ -41,8 +44,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vfmkd.models.heads.base import BaseHead, MapSpec
-from vfmkd.models.heads.prompts import Prompts, sample_prompts
-from vfmkd.ops.masks import masks_to_original
+from vfmkd.models.heads.prompts import Prompts, add_points, sample_prompts
+from vfmkd.ops.masks import masks_to_original, refinement_points
 from vfmkd.ops.prompt_decoder import (
     FAMILIES,
     PromptDecoder,
@@ -106,6 +109,9 @@ class SAMMaskHead(BaseHead):
         bce_weight: Weight of the BCE term.
         dice_weight: Weight of the Dice term.
         iou_weight: Weight of the IoU-prediction MSE.
+        refine_iters: Refinement rounds per step (SAM's interactive training): a click
+            drawn where the mask is wrong is added and the low-res mask fed back, the
+            losses averaged over the rounds; 0 trains the first prompt only.
         transformer_depth: Two-way transformer layers of the decoder (official: 2).
         mlp_dim: Its MLP width (official: 2048).
     """
@@ -132,6 +138,7 @@ class SAMMaskHead(BaseHead):
         bce_weight: float = 5.0,
         dice_weight: float = 5.0,
         iou_weight: float = 1.0,
+        refine_iters: int = 1,
         transformer_depth: int = 2,
         mlp_dim: int = 2048,
     ) -> None:
@@ -148,6 +155,9 @@ class SAMMaskHead(BaseHead):
         self.multimask = multimask
         self.max_instances = max_instances
         self.point_probability = point_probability
+        if refine_iters < 0:
+            raise ValueError(f"sam_mask_head: refine_iters must be >= 0, got {refine_iters}")
+        self.refine_iters = refine_iters
         self.weights = {"bce": bce_weight, "dice": dice_weight, "iou": iou_weight}
         self.projections = nn.ModuleDict(
             {level: nn.Conv2d(int(feature_dims[level]), self.embed_dim, 1) for level in self.in_features}
@@ -318,34 +328,50 @@ class SAMMaskHead(BaseHead):
             tie = tie + 0.0 * sum(outputs[name].float().sum() for name in self.map_specs)
             if prompts.image_index.numel() == 0:
                 return {f"seg/{name}": tie for name in ("bce", "dice", "iou")}
-            logits, iou, targets_hw = self._prompted_masks(outputs, prompts, targets)
-            bce = F.binary_cross_entropy_with_logits(logits, targets_hw, reduction="none").flatten(1).mean(1)
-            dice = dice_loss(logits, targets_hw)
-            with torch.no_grad():
-                real_iou = _binary_iou(logits > 0, targets_hw > 0.5)
-            return {
-                "seg/bce": self.weights["bce"] * bce.mean() + tie,
-                "seg/dice": self.weights["dice"] * dice.mean(),
-                "seg/iou": self.weights["iou"] * F.mse_loss(iou, real_iou),
-            }
+            totals = {"bce": tie, "dice": tie, "iou": tie}
+            mask_input = None
+            for iteration in range(self.refine_iters + 1):
+                logits, iou, targets_hw, low_res = self._prompted_masks(outputs, prompts, targets, mask_input)
+                bce = F.binary_cross_entropy_with_logits(logits, targets_hw, reduction="none").flatten(1).mean(1)
+                with torch.no_grad():
+                    real_iou = _binary_iou(logits > 0, targets_hw > 0.5)
+                totals["bce"] = totals["bce"] + bce.mean()
+                totals["dice"] = totals["dice"] + dice_loss(logits, targets_hw).mean()
+                totals["iou"] = totals["iou"] + F.mse_loss(iou, real_iou)
+                if iteration < self.refine_iters:
+                    # SAM's interactive training: a click where the mask is wrong, the mask fed back.
+                    points, labels = refinement_points(logits.detach() > 0, targets_hw > 0.5, torch.default_generator)
+                    prompts = add_points(prompts, points, labels)
+                    mask_input = low_res.detach()
+            rounds = self.refine_iters + 1
+            return {f"seg/{name}": self.weights[name] * value / rounds for name, value in totals.items()}
 
     def _prompted_masks(
-        self, outputs: Mapping[str, Any], prompts: Prompts, targets: Mapping[str, Any]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Logits ``[P, H, W]``, predicted IoUs ``[P]`` and target masks ``[P, H, W]`` of the prompts.
+        self,
+        outputs: Mapping[str, Any],
+        prompts: Prompts,
+        targets: Mapping[str, Any],
+        mask_input: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits ``[P, H, W]``, predicted IoUs ``[P]``, target masks ``[P, H, W]`` and low-res
+        logits ``[P, 1, H / 4, W / 4]`` of the prompts, in prompt order.
 
         With ``multimask`` the output with the lowest BCE + Dice is trained (SAM's rule).
         """
-        all_logits, all_iou, all_targets = [], [], []
+        all_logits, all_iou, all_targets, all_low, order = [], [], [], [], []
         # NOTE: box prompts and point prompts are decoded apart, as the official predictors
         # take them (SAM embeds a box through its prompt encoder's box path only).
         for has_box in prompts.has_box.unique().tolist():
             rows = (prompts.has_box == has_box).nonzero().flatten()
-            low_res, iou = self.decode_prompts(outputs, prompts.image_index[rows], _image_prompts(prompts, rows))
+            image_prompts = _image_prompts(prompts, rows)
+            if mask_input is not None:
+                image_prompts["mask_input"] = mask_input[rows]
+            low_res, iou = self.decode_prompts(outputs, prompts.image_index[rows], image_prompts)
             logits = F.interpolate(low_res.float(), size=outputs["input_size"], mode="bilinear", align_corners=False)
-            target = torch.stack(
-                [targets["masks"][image][instance] for image, instance in zip(prompts.image_index[rows].tolist(), prompts.instance[rows].tolist())]
-            ).float()
+            pairs = zip(prompts.image_index[rows].tolist(), prompts.instance[rows].tolist())
+            target = torch.stack([targets["masks"][image][instance] for image, instance in pairs]).float()
+            picked = torch.arange(len(rows), device=logits.device)
+            best = torch.zeros_like(picked)
             if logits.shape[1] > 1:
                 per_output = [
                     F.binary_cross_entropy_with_logits(logits[:, k], target, reduction="none").flatten(1).mean(1)
@@ -353,14 +379,18 @@ class SAMMaskHead(BaseHead):
                     for k in range(logits.shape[1])
                 ]
                 best = torch.stack(per_output, 1).argmin(1)
-                picked = torch.arange(len(rows), device=logits.device)
-                logits, iou = logits[picked, best], iou[picked, best]
-            else:
-                logits, iou = logits[:, 0], iou[:, 0]
-            all_logits.append(logits)
-            all_iou.append(iou.float())
+            all_logits.append(logits[picked, best])
+            all_iou.append(iou[picked, best].float())
+            all_low.append(low_res[picked, best][:, None])
             all_targets.append(target)
-        return torch.cat(all_logits), torch.cat(all_iou), torch.cat(all_targets)
+            order.append(rows)
+        restore = torch.cat(order).argsort()
+        return (
+            torch.cat(all_logits)[restore],
+            torch.cat(all_iou)[restore],
+            torch.cat(all_targets)[restore],
+            torch.cat(all_low)[restore],
+        )
 
     # --------------------------------------------------------------- predict
     @torch.no_grad()
