@@ -382,3 +382,31 @@ def test_prompt_miou_also_measures_the_student_against_the_teacher(
             ious.append(mask_iou((mask > 0)[None], expected[None]).item())
     # NOTE: the teacher's masks have 4-pixel cells at its 128-pixel input: small boxes lose some IoU.
     assert len(ious) >= 4 and min(ious) >= 0.6 and sum(ious) / len(ious) >= 0.8, ious
+
+
+def test_a_plain_image_folder_trains_the_mask_head_from_the_teachers_masks_alone(
+    sam2_store: tuple[Path, Path], synthetic_data_yaml: Path, tmp_path: Path
+) -> None:
+    """Unlabelled images (a folder, no labels): no task loss, mask_kd prompted by a grid, the
+    teacher live (these images are not in its store)."""
+    import shutil
+
+    root, checkpoint = sam2_store
+    folder = tmp_path / "unlabelled"
+    folder.mkdir()
+    for image in sorted((synthetic_data_yaml.parent / "images" / "train").glob("*.jpg"))[:4]:
+        shutil.copy(image, folder / image.name)
+    config = _config(root, checkpoint, synthetic_data_yaml, offline_ratio=0.0, steps=2,
+                     data={"dataset": str(folder), "val_split": "train"})
+    config.teachers["sam2"].feature_path = None
+    config.teachers["sam2"].offline = False
+    trainer = build_trainer(config)
+    trainer.train()
+    assert trainer.step_values[TERM] > 0
+    assert not any(name.startswith("seg/") for name in trainer.step_values)
+    # The student's decoder gets its gradient from the teacher's masks.
+    losses = trainer.model(batch_to_device(next(iter(trainer.train_loader)), trainer.device))
+    assert set(losses) == {TERM}
+    losses[TERM].backward()
+    weight = trainer.model.student.heads["segmentation"].mask_decoder.output_hypernetworks_mlps[0].layers[0].weight
+    assert weight.grad.abs().sum() > 0
