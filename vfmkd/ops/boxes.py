@@ -16,6 +16,8 @@ import torchvision
 
 __all__ = [
     "aligned_box_ciou",
+    "aligned_box_giou",
+    "aligned_box_iou",
     "batched_nms",
     "bbox_to_distance",
     "box_iou",
@@ -103,6 +105,58 @@ def aligned_box_ciou(boxes1: torch.Tensor, boxes2: torch.Tensor, eps: float = 1e
     with torch.no_grad():
         alpha = aspect_term / (aspect_term - iou + (1 + eps))
     return iou - (centre_distance_squared / diagonal_squared + aspect_term * alpha)
+
+
+def _aligned_intersection_union(
+    boxes1: torch.Tensor, boxes2: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Intersection and union (plus ``eps``) areas of corresponding ``xyxy`` boxes."""
+    left1, top1, right1, bottom1 = boxes1.unbind(-1)
+    left2, top2, right2, bottom2 = boxes2.unbind(-1)
+    intersection = (torch.minimum(right1, right2) - torch.maximum(left1, left2)).clamp(min=0) * (
+        torch.minimum(bottom1, bottom2) - torch.maximum(top1, top2)
+    ).clamp(min=0)
+    area1 = (right1 - left1) * (bottom1 - top1)
+    area2 = (right2 - left2) * (bottom2 - top2)
+    return intersection, area1 + area2 - intersection + eps
+
+
+def aligned_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """IoU between corresponding ``xyxy`` boxes.
+
+    Broadcasting makes it pairwise too: ``aligned_box_iou(a[:, None], b[None])`` is ``[N, M]``.
+
+    Args:
+        boxes1: ``[..., 4]`` boxes.
+        boxes2: ``[..., 4]`` boxes, broadcastable with ``boxes1``.
+        eps: Added to the union against empty boxes.
+
+    Returns:
+        ``[...]`` IoU values in ``[0, 1]``.
+    """
+    intersection, union = _aligned_intersection_union(boxes1, boxes2, eps)
+    return intersection / union
+
+
+def aligned_box_giou(boxes1: torch.Tensor, boxes2: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Generalized IoU between corresponding ``xyxy`` boxes (Rezatofighi et al., CVPR 2019).
+
+    ``GIoU = IoU - (C - U) / C`` with ``U`` the union and ``C`` the area of the smallest
+    box enclosing both. Broadcasting makes it pairwise too, as :func:`aligned_box_iou`.
+
+    Args:
+        boxes1: ``[..., 4]`` boxes.
+        boxes2: ``[..., 4]`` boxes, broadcastable with ``boxes1``.
+        eps: Added to the union and the enclosing area against empty boxes.
+
+    Returns:
+        ``[...]`` GIoU values in ``[-1, 1]``; identical boxes give ``1`` up to ``eps``.
+    """
+    intersection, union = _aligned_intersection_union(boxes1, boxes2, eps)
+    enclosing_width = torch.maximum(boxes1[..., 2], boxes2[..., 2]) - torch.minimum(boxes1[..., 0], boxes2[..., 0])
+    enclosing_height = torch.maximum(boxes1[..., 3], boxes2[..., 3]) - torch.minimum(boxes1[..., 1], boxes2[..., 1])
+    enclosing_area = enclosing_width * enclosing_height + eps
+    return intersection / union - (enclosing_area - union) / enclosing_area
 
 
 def make_anchors(
