@@ -56,8 +56,10 @@ def _targets(batch_size: int) -> dict:
 
 
 def _structure(value):
+    # NOTE: the same keys, nesting and tensor ranks in both modes; sizes may differ (a DETR
+    # decoder runs only up to its eval_idx layer at inference).
     if torch.is_tensor(value):
-        return ("tensor", tuple(value.shape))
+        return ("tensor", value.ndim)
     if isinstance(value, dict):
         return {key: _structure(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):

@@ -190,10 +190,15 @@ class DistilledModel(nn.Module):
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The loss dict of a batch on the device (float ``images [B, 3, H, W]`` in [0, 1], ``targets``)."""
-        outputs = self.student(batch["images"])
+        task_run = self.task_losses and batch.get("targets") is not None
+        # NOTE: heads that want them (a DETR head's denoising queries) get the targets in training.
+        wants = task_run and self.training and any(
+            getattr(head, "wants_targets", False) for head in getattr(self.student, "heads", {}).values()
+        )
+        outputs = self.student(batch["images"], targets=batch["targets"]) if wants else self.student(batch["images"])
         losses: dict[str, torch.Tensor] = {}
         heads = [name for name in outputs if name not in ("features", "maps")]
-        task_run = self.task_losses and batch.get("targets") is not None and bool(heads)
+        task_run = task_run and bool(heads)
         if task_run:
             losses.update(self.student.loss(outputs, batch["targets"], weights=self.task_weights))
         if self.distiller is not None:

@@ -125,18 +125,21 @@ class UnifiedModel(nn.Module):
                 specs[f"{head_name}.{map_name}"] = (int(spec[0]), int(spec[1]))
         return specs
 
-    def forward(self, images: torch.Tensor, **inputs: Any) -> dict[str, Any]:
+    def forward(self, images: torch.Tensor, targets: Mapping[str, Any] | None = None, **inputs: Any) -> dict[str, Any]:
         """Run backbone, neck and every head.
 
         Args:
             images: ``[B, 3, H, W]`` float RGB in ``[0, 1]``.
+            targets: the batch's targets (training), given to the heads that
+                :attr:`~vfmkd.models.heads.base.BaseHead.wants_targets`.
             **inputs: Other batch inputs for the heads (prompts, ...).
 
         Returns:
             ``features``: level name to ``[B, C, H / stride, W / stride]`` neck output;
             ``maps``: every named map (see :attr:`map_dims`); and one entry per head with
             that head's raw outputs (``detection``: list of ``[B, 4 * 16 + num_classes,
-            H_level, W_level]`` maps). Same structure in train and eval mode.
+            H_level, W_level]`` maps). The same keys and nesting in train and eval mode (sizes may
+            differ: a DETR decoder runs only up to its ``eval_idx`` layer at inference).
         """
         stages = self.backbone(images)
         features = self.neck(stages)
@@ -144,7 +147,10 @@ class UnifiedModel(nn.Module):
         maps.update({f"backbone.{level}": value for level, value in stages.items()})
         outputs: dict[str, Any] = {FEATURES_KEY: features, MAPS_KEY: maps}
         for name, head in self.heads.items():
-            outputs[name] = head(features, **inputs) if inputs else head(features)
+            head_inputs = dict(inputs)
+            if targets is not None and getattr(head, "wants_targets", False):
+                head_inputs["targets"] = targets
+            outputs[name] = head(features, **head_inputs) if head_inputs else head(features)
             if isinstance(head, BaseHead):
                 maps.update({f"{name}.{key}": value for key, value in head.named_maps(outputs[name]).items()})
         return outputs

@@ -2,6 +2,9 @@
 
 from vfmkd.models.heads.assigner import Assignment, TaskAlignedAssigner
 from vfmkd.models.heads.base import BaseHead
+from vfmkd.models.heads.rtdetr_decoder import RTDETR_PRESETS, RTDETRDecoder
+from vfmkd.models.heads.rtdetr_head import RTDETRHead
+from vfmkd.models.heads.rtdetr_loss import HungarianMatcher, RTDETRLoss
 from vfmkd.models.heads.sam_mask_head import SAMMaskHead
 from vfmkd.models.heads.yolo_head import DistributionIntegral, YOLOHead
 from vfmkd.models.heads.yolo_loss import YOLOv8DetectionLoss, distribution_focal_loss, pad_targets
@@ -10,6 +13,11 @@ __all__ = [
     "Assignment",
     "BaseHead",
     "DistributionIntegral",
+    "HungarianMatcher",
+    "RTDETR_PRESETS",
+    "RTDETRDecoder",
+    "RTDETRHead",
+    "RTDETRLoss",
     "SAMMaskHead",
     "TaskAlignedAssigner",
     "YOLOHead",

@@ -48,6 +48,9 @@ class BaseHead(nn.Module, abc.ABC):
     evaluators: ClassVar[tuple[str, ...]] = ()
     #: Whether the head trains on instance masks (the builder then loads them with the data).
     needs_masks: ClassVar[bool] = False
+    #: Whether :meth:`forward` takes the batch's ``targets`` in training (a DETR head builds its
+    #: denoising queries from them); the model passes them to such heads only.
+    wants_targets: ClassVar[bool] = False
     #: Whether :meth:`predict` gives per image ``boxes [K, 4]`` xyxy (original pixels when the
     #: batch has frames), ``scores [K]`` and ``labels [K]``: detections that can prompt a head
     #: that is :attr:`prompted_by_boxes`.
