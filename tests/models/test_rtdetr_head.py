@@ -115,3 +115,20 @@ def test_unknown_preset_and_indivisible_aifi_heads_are_named() -> None:
         _model(preset="r9")
     with pytest.raises(ValueError, match="aifi_heads"):
         _model(aifi_heads=7)
+
+
+def test_detr_boxes_prompt_a_mask_head() -> None:
+    """With a sam_mask_head beside it, the DETR head's detections become box prompts: one mask per detection."""
+    from vfmkd.models.heads.sam_mask_head import SAMMaskHead
+
+    torch.manual_seed(0)
+    model = build_model({"backbone": {"type": "yolov8", "scale": "n"}, "heads": {
+        "detection": {"type": "rtdetr_head", "num_classes": 3, **RTDETRHead.small_config()},
+        "segmentation": {"type": "sam_mask_head", **SAMMaskHead.small_config()},
+    }}).eval()
+    assert model.evaluator_names() == ["coco_bbox", "prompt_miou", "coco_segm"]
+    frame = letterbox_frame((40, 100), SIZE)
+    with torch.no_grad():
+        outputs = model(torch.rand(1, 3, SIZE, SIZE))
+        (result,) = model.predict(outputs, {"frames": [[frame]]}, conf_threshold=0.0, max_det=5)
+    assert len(result["boxes"]) == 5 and result["masks"].shape == (5, 40, 100)
