@@ -43,6 +43,7 @@ from vfmkd.distillation.mask_prompts import TeacherSegmenter
 from vfmkd.distillation.sources import DistillationDataset, TeacherFeatureCollate
 from vfmkd.evaluation import Evaluator, PromptMIoUEvaluator
 from vfmkd.models import build_model
+from vfmkd.ops.prompt_decoder import prompt_family
 from vfmkd.registry import EVALUATORS, HEADS
 
 __all__ = [
@@ -100,9 +101,7 @@ def prepare_config(config: ExperimentConfig) -> ExperimentConfig:
 def _family_teacher_weights(config: ExperimentConfig, head_name: str, family: str) -> str | None:
     where = f"model.heads.{head_name}.init_from"
     for key, teacher in config.teachers.items():
-        name = teacher.name or key
-        teacher_family = "sam2" if name.startswith("sam2") else "sam" if name.startswith("sam") else None
-        if teacher.enabled and teacher_family == family:
+        if teacher.enabled and prompt_family(teacher.name or key) == family:
             if teacher.model_path and Path(teacher.model_path).is_file():
                 return teacher.model_path
             logger.warning("%s: teacher '%s' has no weights file; the mask decoder starts from random weights", where, key)
