@@ -41,6 +41,7 @@ __all__ = [
     "EvalHook",
     "Hook",
     "LRScheduleHook",
+    "LabelCountHook",
     "MetricsLogHook",
     "TeacherLifecycleHook",
 ]
@@ -217,6 +218,36 @@ class MetricsLogHook(Hook):
                 100 * record["data_time_share"],
             )
         self._reset()
+
+
+class LabelCountHook(Hook):
+    """After each epoch: how many labelled and unlabelled samples it trained on (all ranks).
+
+    Logged on rank 0 and written as a ``data`` record (``samples/labeled``,
+    ``samples/unlabeled``) to ``metrics.jsonl``. A resumed epoch counts from the resume.
+    """
+
+    def __init__(self) -> None:
+        self._images = self._labeled = self._epoch = 0
+
+    def before_epoch(self) -> None:
+        self._images = self._labeled = 0
+        self._epoch = self.trainer.epoch
+
+    def after_step(self) -> None:
+        self._images += self.trainer.step_images
+        self._labeled += self.trainer.step_labeled_images
+
+    def after_epoch(self) -> None:
+        trainer = self.trainer
+        counts = torch.tensor([float(self._labeled), float(self._images)], device=trainer.collective_device)
+        if trainer.world_size > 1:
+            counts = distributed.all_reduce_mean(counts) * trainer.world_size
+        labeled, images = (int(round(value)) for value in counts.tolist())
+        record = {"samples/labeled": labeled, "samples/unlabeled": images - labeled}
+        trainer.metric_logger.log(record, step=trainer.step, kind="data", epoch=self._epoch)
+        if trainer.is_main:
+            logger.info("epoch %d: %d labelled and %d unlabelled samples", self._epoch, labeled, images - labeled)
 
 
 class EvalHook(Hook):

@@ -3,7 +3,8 @@
 Every sample's augmentation draws from generators seeded by ``(seed, epoch, index)``
 (:class:`SeededDataset`), the sampler's order is a function of ``(seed, epoch)`` and it
 can start mid-epoch (:class:`ResumableSampler`); :func:`build_train_loader` puts them
-together.
+together. With a :class:`BatchMix` (``data.unlabeled_ratio``) each batch holds a fixed
+share of unlabelled samples (:class:`MixedBatchSampler`).
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 
-__all__ = ["ResumableSampler", "SeededDataset", "build_train_loader", "seed_everything"]
+__all__ = ["BatchMix", "MixedBatchSampler", "ResumableSampler", "SeededDataset", "build_train_loader", "seed_everything"]
 
 
 def seed_everything(seed: int) -> None:
@@ -113,6 +115,72 @@ class ResumableSampler(DistributedSampler):
         return max(self.num_samples - self.start, 0)
 
 
+@dataclass(frozen=True)
+class BatchMix:
+    """How labelled and unlabelled samples share each batch.
+
+    Attributes:
+        labeled: indices ``0 .. labeled - 1`` of the data set are labelled, the rest
+            unlabelled (:class:`~vfmkd.datasets.mixed.MixedDataset`'s order).
+        unlabeled_ratio: share of unlabelled samples in each batch, in (0, 1).
+    """
+
+    labeled: int
+    unlabeled_ratio: float
+
+
+class MixedBatchSampler(ResumableSampler):
+    """:class:`ResumableSampler` whose batches hold a fixed share of unlabelled samples.
+
+    An epoch has as many samples as the data set. Batch ``b`` of a rank holds
+    ``floor((b + 1) * B * r) - floor(b * B * r)`` unlabelled samples (``r`` the ratio, so
+    the share is exact over the epoch), the rest labelled; each kind is drawn from its
+    own shuffled order (reshuffled when used up), a function of ``(seed, epoch)``. Every
+    rank sees the same kinds at the same batch positions.
+    """
+
+    def __init__(
+        self, dataset: Dataset, *, mix: BatchMix, batch_size: int, num_replicas: int, rank: int, seed: int
+    ) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        total = len(dataset)  # type: ignore[arg-type]
+        if not 0 < mix.labeled < total:
+            raise ValueError(f"a mixed batch needs labelled and unlabelled samples; got {mix.labeled} of {total} labelled")
+        self.mix = mix
+        self.batch_size = batch_size
+
+    def _unlabeled_slot(self, position: int) -> bool:
+        batch, slot = divmod(position, self.batch_size)
+        unlabeled = math.floor((batch + 1) * self.batch_size * self.mix.unlabeled_ratio) - math.floor(
+            batch * self.batch_size * self.mix.unlabeled_ratio
+        )
+        return slot < unlabeled
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        total = len(self.dataset)  # type: ignore[arg-type]
+        streams = {False: _Stream(0, self.mix.labeled, generator), True: _Stream(self.mix.labeled, total, generator)}
+        kinds = [self._unlabeled_slot(position) for position in range(self.num_samples)]
+        # NOTE: rank r takes global positions r, r + W, ...; local position j is the same kind on every rank.
+        order = [streams[kind].next() for kind in kinds for _ in range(self.num_replicas)]
+        indices = order[self.rank :: self.num_replicas][self.start :]
+        return iter([(self.epoch, index) for index in indices])
+
+
+class _Stream:
+    """Indices ``start .. stop - 1`` in shuffled order, reshuffled each time they run out."""
+
+    def __init__(self, start: int, stop: int, generator: torch.Generator) -> None:
+        self.start, self.stop, self.generator = start, stop, generator
+        self.pending: list[int] = []
+
+    def next(self) -> int:
+        if not self.pending:
+            self.pending = (torch.randperm(self.stop - self.start, generator=self.generator) + self.start).tolist()[::-1]
+        return self.pending.pop()
+
+
 def build_train_loader(
     dataset: Dataset,
     *,
@@ -123,12 +191,19 @@ def build_train_loader(
     rank: int = 0,
     world_size: int = 1,
     pin_memory: bool = False,
+    mix: BatchMix | None = None,
 ) -> tuple[ResumableSampler, DataLoader, int]:
     """The shuffling, resumable training loader and its micro-batches per epoch (per rank).
 
-    The last incomplete batch is dropped when a rank has at least one full batch.
+    The last incomplete batch is dropped when a rank has at least one full batch. With
+    ``mix``, each batch holds its share of unlabelled samples (:class:`MixedBatchSampler`).
     """
-    sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    if mix is None:
+        sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    else:
+        sampler = MixedBatchSampler(
+            dataset, mix=mix, batch_size=batch_size, num_replicas=world_size, rank=rank, seed=seed
+        )
     drop_last = sampler.num_samples >= batch_size
     loader = DataLoader(
         SeededDataset(dataset, seed),

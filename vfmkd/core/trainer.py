@@ -47,7 +47,7 @@ from vfmkd.config import TrainConfig
 from vfmkd.core.checkpoint import CheckpointError, load_checkpoint, load_training_state, restore_rng_state
 from vfmkd.core.ema import ModelEMA
 from vfmkd.core.hooks import CheckpointHook, Hook
-from vfmkd.core.loader import build_train_loader
+from vfmkd.core.loader import BatchMix, build_train_loader
 from vfmkd.datasets.collate import batch_to_device, collate_samples
 from vfmkd.utils import distributed
 from vfmkd.utils.amp import resolve_amp
@@ -127,6 +127,8 @@ class Trainer:
         process: rank, device and process group; default the current process
             (:meth:`ProcessContext.current`).
         run_dir: where ``train.log`` and ``metrics.jsonl`` go.
+        batch_mix: each batch's share of unlabelled samples (``data.unlabeled_ratio``);
+            None: the data set's natural proportion.
     """
 
     def __init__(
@@ -142,6 +144,7 @@ class Trainer:
         hooks: Sequence[Hook] = (),
         process: ProcessContext | None = None,
         run_dir: str | Path = "runs/experiment",
+        batch_mix: BatchMix | None = None,
     ) -> None:
         self.settings = settings
         self.process = process or ProcessContext.current(settings.device)
@@ -161,6 +164,7 @@ class Trainer:
         self.batch_size = batch_size
         self.collate_fn = collate_fn or collate_samples
         self.num_workers = min(num_workers, os.cpu_count() or 1)
+        self.batch_mix = batch_mix
         self.sampler, self.train_loader, self.batches_per_epoch = self._build_loader()
         self.accumulate = settings.accumulate
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / self.accumulate)
@@ -175,7 +179,7 @@ class Trainer:
         self.evaluated = self.improved = False
         self.learning_rates: dict[str, float] = {}
         self.step_values: dict[str, float] = {}
-        self.step_images = 0
+        self.step_images = self.step_labeled_images = 0
         self.step_data_time = 0.0
         self.metric_logger: Any = None
         self._consecutive_nonfinite = 0
@@ -242,6 +246,7 @@ class Trainer:
             rank=self.rank,
             world_size=self.world_size,
             pin_memory=self.device.type == "cuda",
+            mix=self.batch_mix,
         )
 
     def _call(self, method: str, *args: Any) -> None:
@@ -474,11 +479,12 @@ class Trainer:
         distributed_run = isinstance(self.train_model, nn.parallel.DistributedDataParallel)
         group_finite = True
         sums: dict[str, float] = {}
-        self.step_images, self.step_data_time = 0, 0.0
+        self.step_images, self.step_labeled_images, self.step_data_time = 0, 0, 0.0
         for micro_batch in range(group_size):
             waited = time.perf_counter()
             batch = next(iterator)
             self.step_data_time += time.perf_counter() - waited
+            self.step_labeled_images += _labeled_count(batch)
             batch = batch_to_device(batch, self.device)
             last_micro_batch = micro_batch == group_size - 1
             sync = self.train_model.no_sync() if distributed_run and not last_micro_batch else contextlib.nullcontext()
@@ -547,3 +553,9 @@ class Trainer:
                 f"(up to step {self.step}, epoch {self.epoch}). Lower train.lr, set train.grad_clip, "
                 f"try train.amp=false, or check the data; {self.last_path} holds the last saved state."
             )
+
+
+def _labeled_count(batch: Mapping[str, Any]) -> int:
+    """Samples of a (CPU) batch with labels: ``targets["has_labels"]``, all when absent."""
+    flags = (batch.get("targets") or {}).get("has_labels")
+    return int(flags.sum()) if flags is not None else int(batch["images"].shape[0])
