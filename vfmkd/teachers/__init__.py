@@ -3,7 +3,8 @@
 Importing this package registers every teacher in :data:`vfmkd.registry.TEACHERS`
 (SAM ``sam_vit_{b,l,h}``, SAM 2 / 2.1 ``sam2[.1]_hiera_{t,s,b+,l}``, DINO ``dino_vit*``,
 DINOv2 ``dinov2_vit*14[_reg]``, DINOv3 ``dinov3_vit*16*``; aliases ``sam``, ``sam2``,
-``dino``). The teacher modules import ``segment_anything`` / ``sam2`` / ``timm`` only
+``dino``; ``vfmkd``: a vfmkd checkpoint or Ultralytics YOLOv8 state dict; ``timm``: any
+timm model with intermediate features, named by ``timm_model``). The teacher modules import ``segment_anything`` / ``sam2`` / ``timm`` only
 when a teacher is built. :func:`build_teacher` is the one way to get a ready teacher:
 official weights (or an explicit, seeded random init), hashed, on a device, frozen.
 """
@@ -12,13 +13,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from vfmkd.config import ConfigError, TeacherConfig
 from vfmkd.registry import TEACHERS
-from vfmkd.teachers import dino_teacher, sam2_teacher, sam_teacher  # noqa: F401  (registers the teachers)
+from vfmkd.teachers import dino_teacher, sam2_teacher, sam_teacher, timm_teacher, vfmkd_teacher  # noqa: F401  (registers the teachers)
 from vfmkd.teachers.base import BaseTeacher, FeatureSpec
 from vfmkd.teachers.weights import (
     DEFAULT_WEIGHTS_DIR,
@@ -100,6 +101,7 @@ def build_teacher_from_config(
             features=list(features) if features is not None else teacher.features,
             image_size=teacher.image_size,
             device=device,
+            options={"timm_model": teacher.timm_model} if teacher.timm_model else None,
         )
     except FileNotFoundError as error:
         raise ConfigError(f"teachers.{key}: {error} (or set allow_random_init: true for a smoke run)") from None
@@ -115,6 +117,7 @@ def build_teacher(
     image_size: int | None = None,
     device: str | torch.device = "cpu",
     weights_dir: str | Path = DEFAULT_WEIGHTS_DIR,
+    options: Mapping[str, Any] | None = None,
 ) -> BaseTeacher:
     """Build a frozen teacher with its official weights (or, when asked, seeded random ones).
 
@@ -130,6 +133,8 @@ def build_teacher(
         image_size: teacher input size (default: the teacher's official one).
         device: where the teacher runs.
         weights_dir: folder searched when ``weights`` is None.
+        options: further keyword arguments of the teacher's factory (``timm_model`` of
+            the ``timm`` teacher).
 
     Returns:
         The teacher in eval mode with gradients off, ``weights_sha256`` set (the file's
@@ -146,14 +151,14 @@ def build_teacher(
     if random_init and weights is not None:
         raise ValueError(f"teacher '{name}': pass either weights ({weights}) or random_init, not both")
     if random_init:
-        teacher = _build_random(factory, canonical, seed=seed, features=features, image_size=image_size)
+        teacher = _build_random(factory, canonical, seed=seed, features=features, image_size=image_size, options=options)
     else:
         path = Path(weights) if weights is not None else _default_path(name, canonical, weights_dir)
         if not path.is_file():
             raise MissingWeightsError(_missing_message(name, canonical, path, explicit=weights is not None))
         logger.info("teacher %s: loading %s", canonical, path)
         checkpoint = load_checkpoint_file(path)
-        teacher = factory(checkpoint=checkpoint, features=features, image_size=image_size)
+        teacher = factory(checkpoint=checkpoint, features=features, image_size=image_size, **dict(options or {}))
         del checkpoint
         teacher.weights_sha256 = file_sha256(path)
         teacher.random_init = False
@@ -170,6 +175,7 @@ def _build_random(
     seed: int,
     features: Sequence[str] | None,
     image_size: int | None,
+    options: Mapping[str, Any] | None = None,
 ) -> BaseTeacher:
     logger.warning(
         "teacher %s: RANDOM INIT (seed %d) -- no pretrained weights are loaded, so its features are "
@@ -180,7 +186,7 @@ def _build_random(
     # seeding inside the fork makes the same command build the same weights.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        teacher = factory(checkpoint=None, features=features, image_size=image_size)
+        teacher = factory(checkpoint=None, features=features, image_size=image_size, **dict(options or {}))
     teacher.random_init = True
     teacher.weights_sha256 = teacher.state_dict_sha256()
     return teacher

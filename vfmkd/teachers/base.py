@@ -70,6 +70,8 @@ class BaseTeacher(nn.Module, abc.ABC):
     """
 
     name: str = "teacher"
+    # The padding :meth:`preprocess_tensor` puts around the content, in normalised units.
+    tensor_pad_value: float = 0.0
 
     def __init__(self, features: Sequence[str] | None = None) -> None:
         super().__init__()
@@ -143,7 +145,8 @@ class BaseTeacher(nn.Module, abc.ABC):
         """Teacher input from a batch of images already on the device (online distillation).
 
         The geometry is :meth:`frame_for` of the batch's size (a resize and a pad); the
-        resize is bilinear with antialiasing, the padding is zero after normalisation.
+        resize is bilinear with antialiasing, the padding is :attr:`tensor_pad_value` after
+        normalisation (zero unless a teacher says otherwise).
         It follows the official preprocessing up to resampling details, since the
         official code runs on decoded uint8 images instead.
 
@@ -170,7 +173,7 @@ class BaseTeacher(nn.Module, abc.ABC):
         std_tensor = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
         resized = (resized - mean_tensor) / std_tensor
         out_h, out_w = frame.input_size
-        pixels = resized.new_zeros((images.shape[0], 3, out_h, out_w))
+        pixels = resized.new_full((images.shape[0], 3, out_h, out_w), float(self.tensor_pad_value))
         pixels[:, :, top : top + content_h, left : left + content_w] = resized
         return pixels, [frame] * images.shape[0]
 
