@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vfmkd.errors import UserError
 from vfmkd.utils.io import atomic_write_text
@@ -83,10 +83,12 @@ class TeacherConfig(_Strict):
     ``write_back: true`` adds each training image missing from the store at
     ``feature_path`` (creating the store when absent), computed from the clean image as
     extraction would, so the first epoch fills the cache and the next ones read it
-    (:mod:`vfmkd.distillation.write_back`).
+    (:mod:`vfmkd.distillation.write_back`). ``timm_model`` names the architecture of a
+    ``name: timm`` teacher (:mod:`vfmkd.teachers.timm_teacher`).
     """
 
     name: str | None = None
+    timm_model: str | None = None
     enabled: bool = True
     offline: bool = True
     model_path: str | None = None
@@ -138,6 +140,12 @@ class AugmentConfig(_Strict):
 
 
 class DataConfig(_Strict):
+    """The data set. ``unlabeled``: image folders, globs or data sets whose labels are
+    ignored, mixed into training (distillation terms only); ``unlabeled_ratio``: share of
+    unlabelled samples in each batch (None: the natural proportion); ``label_fraction``:
+    keep the labels of only that share of the labelled set, chosen with ``train.seed``
+    (see :mod:`vfmkd.datasets.mixed`)."""
+
     dataset: str = "shapes"
     images: str | None = None
     train_split: str = "train"
@@ -148,6 +156,39 @@ class DataConfig(_Strict):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     load_masks: bool = False
     cache_images: bool = False
+    unlabeled: list[str] = Field(default_factory=list)
+    unlabeled_ratio: float | None = Field(default=None, gt=0.0, lt=1.0)
+    label_fraction: float = Field(default=1.0, gt=0.0, le=1.0)
+
+    @field_validator("unlabeled", mode="before")
+    @classmethod
+    def _one_or_more(cls, value: Any) -> Any:
+        if value is None:
+            return []
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("unlabeled")
+    @classmethod
+    def _unlabeled_images_exist(cls, value: list[str]) -> list[str]:
+        from vfmkd.datasets.mixed import unlabeled_entry_problem
+
+        for position, entry in enumerate(value):
+            problem = unlabeled_entry_problem(entry)
+            if problem:
+                raise ValueError(
+                    f"data.unlabeled[{position}] '{entry}': {problem}; give image folders, globs "
+                    "(e.g. 'photos/**/*.jpg') or data yamls"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _ratio_needs_unlabeled(self) -> "DataConfig":
+        if self.unlabeled_ratio is not None and not self.unlabeled and self.label_fraction >= 1.0:
+            raise ValueError(
+                "data.unlabeled_ratio is set but there are no unlabelled images: "
+                "add data.unlabeled or a data.label_fraction below 1, or remove it"
+            )
+        return self
 
     @field_validator("img_size")
     @classmethod

@@ -28,15 +28,17 @@ from vfmkd.core.hooks import (
     CloseMosaicHook,
     EvalHook,
     Hook,
+    LabelCountHook,
     LRScheduleHook,
     MetricsLogHook,
     TeacherLifecycleHook,
 )
-from vfmkd.core.loader import seed_everything
+from vfmkd.core.loader import BatchMix, seed_everything
 from vfmkd.core.optim import LRSchedule, build_optimizer
 from vfmkd.core.trainer import LossFunction, LossFunctionModel, ProcessContext, Trainer
 from vfmkd.datasets import build_dataset
 from vfmkd.datasets.collate import collate_samples
+from vfmkd.datasets.mixed import MixedDataset, build_train_dataset
 from vfmkd.distillation.distiller import DistilledModel, Distiller, build_distiller, task_loss_weights
 from vfmkd.distillation.fidelity import FidelityEvaluator
 from vfmkd.distillation.mask_prompts import TeacherSegmenter
@@ -118,7 +120,8 @@ def build_training_model(
     """The config's training model: the student with its task-loss weights and distiller.
 
     With distillation terms the training data set reads the teacher stores in the loader
-    workers and batches carry the offline records.
+    workers and batches carry the offline records; without any, a mixed set
+    (``data.unlabeled``) keeps its labelled part only.
 
     Returns:
         The model, the training data set and the collate function to train with.
@@ -126,6 +129,14 @@ def build_training_model(
     collate: Collate = collate_fn or collate_samples
     has_labels = getattr(train_dataset, "has_labels", True)
     distiller = build_distiller(config, student)
+    if distiller is None and isinstance(train_dataset, MixedDataset) and has_labels:
+        # NOTE: unlabelled samples only feed distillation terms; without any they would
+        # only dilute the batches (a label_fraction baseline trains on its labels alone).
+        logger.warning(
+            "no distillation term: the %d unlabelled images are left out; training on the %d labelled ones",
+            train_dataset.unlabeled_count, train_dataset.labeled_count,
+        )
+        train_dataset = train_dataset.parts[0]
     if not has_labels:
         if distiller is None:
             raise ConfigError(
@@ -243,7 +254,8 @@ def build_trainer(
         config: the experiment.
         resume: continue from ``run_dir/checkpoints/last.pt``.
         model: the student; default ``vfmkd.models.build_model(config.model)``.
-        train_dataset: default ``build_dataset(config.data, data.train_split, train=True)``.
+        train_dataset: default ``build_train_dataset(config.data, data.train_split)`` (with
+            ``data.unlabeled`` and ``data.label_fraction``, seeded by ``train.seed``).
         val_dataset: default ``build_dataset(config.data, data.val_split, train=False)``.
         loss_fn: ``loss_fn(student, outputs, batch) -> {name: scalar}`` trained as a
             :class:`~vfmkd.core.trainer.LossFunctionModel` instead of the config's task
@@ -257,13 +269,15 @@ def build_trainer(
     if model is None:
         model = build_model(config.to_dict()["model"])
     if train_dataset is None:
-        train_dataset = build_dataset(config.data, config.data.train_split, train=True)
+        train_dataset = build_train_dataset(config.data, config.data.train_split, seed=config.train.seed)
+    mixed = train_dataset if isinstance(train_dataset, MixedDataset) else None
     if val_dataset is None:
         val_dataset = build_dataset(config.data, config.data.val_split, train=False)
     distiller = None
     if loss_fn is None:
         training_model, train_dataset, train_collate = build_training_model(config, model, train_dataset, collate_fn)
         distiller = training_model.distiller
+        mixed = mixed if distiller is not None else None
     else:
         training_model, train_collate = LossFunctionModel(model, loss_fn), collate_fn or collate_samples
     training_model.to(process.device)
@@ -271,6 +285,8 @@ def build_trainer(
     evaluators = build_evaluators(model, val_dataset, distiller)
     runtime = distiller.teachers if distiller is not None else None
     all_hooks = default_hooks(config, val_dataset, evaluators, collate_fn=collate_fn, teacher_runtime=runtime)
+    if mixed is not None:
+        all_hooks.append(LabelCountHook())
     trainer = trainer_class(
         model=training_model,
         train_dataset=train_dataset,
@@ -282,11 +298,20 @@ def build_trainer(
         hooks=[*all_hooks, *hooks],
         process=process,
         run_dir=config.run_dir,
+        batch_mix=_batch_mix(config, mixed),
     )
     if resume:
         checkpoint = trainer.resume()
         _warn_config_changes(config, checkpoint.get("config") or {})
     return trainer
+
+
+def _batch_mix(config: ExperimentConfig, mixed: MixedDataset | None) -> BatchMix | None:
+    """``data.unlabeled_ratio`` for a mixed training set (None: plain concatenation)."""
+    ratio = config.data.unlabeled_ratio
+    if ratio is None or mixed is None:
+        return None
+    return BatchMix(labeled=mixed.labeled_count, unlabeled_ratio=ratio)
 
 
 def _warn_config_changes(config: ExperimentConfig, saved: Mapping[str, Any]) -> None:

@@ -179,7 +179,8 @@ def extract_teacher_entry(
     Args:
         config: the validated experiment.
         key: the entry's key in ``config.teachers``.
-        split: the split to extract (default ``data.train_split``).
+        split: the split to extract (default ``data.train_split``; the training split
+            includes the ``data.unlabeled`` images, under their namespaced ids).
         data: the data set (default ``data.dataset``, with ``data.images``).
         out: the store (default the entry's ``feature_path``, or ``val_feature_path`` for
             ``data.val_split``).
@@ -197,6 +198,9 @@ def extract_teacher_entry(
     split = split or config.data.train_split
     out = out or _store_path(key, teacher_config, split, config)
     data_config = {"dataset": data} if data else {"dataset": config.data.dataset, "images": config.data.images}
+    if split == config.data.train_split and not data:
+        # Training reads the unlabelled images from the same store, under their namespaced ids.
+        data_config["unlabeled"] = list(config.data.unlabeled)
     teacher = build_teacher_from_config(key, teacher_config, device=resolve_device(options.device))
     model_path = teacher_config.model_path
     build_args = {
@@ -231,10 +235,11 @@ def _extract(
     options: ExtractionOptions,
 ) -> FeatureStore:
     """Run ``teacher`` over ``split`` of the data set into the store ``out``; ``build_args`` rebuild it."""
-    from vfmkd.datasets import build_dataset, resolve_dataset
+    from vfmkd.datasets import resolve_dataset
+    from vfmkd.datasets.mixed import build_train_dataset
     from vfmkd.features.extract import extract_features
 
-    dataset = build_dataset({**data_config, "img_size": DATASET_IMAGE_SIZE}, split, train=False)
+    dataset = build_train_dataset({**data_config, "img_size": DATASET_IMAGE_SIZE}, split, train=False)
     return extract_features(
         teacher,
         dataset,
