@@ -70,3 +70,7 @@ def test_bad_input_fails_before_any_work() -> None:
         build_teacher("timm", random_init=True, features=["stage9"], options={"timm_model": "convnext_atto"})
     with pytest.raises(ValueError, match="weights"):
         build_teacher_from_config("timm", TeacherConfig(name="timm", timm_model="convnext_atto", model_path="/nonexistent.pt"))
+    from vfmkd.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"teachers.sam2.timm_model: only a 'name: timm' teacher takes it"):
+        build_teacher_from_config("sam2", TeacherConfig(name="sam2.1_hiera_t", timm_model="x", allow_random_init=True))

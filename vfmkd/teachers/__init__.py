@@ -92,6 +92,11 @@ def build_teacher_from_config(
     """
     weights = teacher.model_path
     random_init = teacher.allow_random_init and (weights is None or not Path(weights).is_file())
+    if teacher.timm_model and canonical_teacher_name(teacher.name or key) != "timm":
+        raise ConfigError(
+            f"teachers.{key}.timm_model: only a 'name: timm' teacher takes it ('{teacher.name or key}' is not one); "
+            "remove it or set name: timm"
+        )
     try:
         return build_teacher(
             teacher.name or key,
