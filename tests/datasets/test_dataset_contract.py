@@ -59,14 +59,19 @@ class FormatCase:
     category_ids: dict[str, int]
 
 
+# Views over another format's records, built by build_train_dataset rather than read from
+# disk by build_dataset (tests/datasets/test_mixed.py covers them).
+VIEWS = {"UnlabeledImages"}
+
+
 def _registered_formats() -> dict[str, type[ImageDataset]]:
-    """Every :class:`ImageDataset` subclass that vfmkd defines, by class name."""
+    """Every :class:`ImageDataset` subclass that vfmkd defines and build_dataset reads, by class name."""
     found: dict[str, type[ImageDataset]] = {}
     pending = [ImageDataset]
     while pending:
         for subclass in pending.pop().__subclasses__():
             pending.append(subclass)
-            if subclass.__module__.split(".")[0] == "vfmkd":
+            if subclass.__module__.split(".")[0] == "vfmkd" and subclass.__name__ not in VIEWS:
                 found[subclass.__name__] = subclass
     return dict(sorted(found.items()))
 

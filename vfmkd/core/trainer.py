@@ -338,6 +338,17 @@ class Trainer:
         flag = torch.tensor([1.0 if self._stop_requested else 0.0], device=self.collective_device)
         return bool(distributed.all_reduce_max(flag).item())
 
+    def _release_loader_workers(self) -> None:
+        """Stop the training loader's persistent workers now that the run is over.
+
+        NOTE: left to the garbage collector, their shutdown waits a 5 s timeout per worker
+        wherever the collector happens to run (in a later evaluation or run). A new
+        ``iter(self.train_loader)`` starts fresh workers.
+        """
+        loader = getattr(self, "train_loader", None)
+        if loader is not None and getattr(loader, "_iterator", None) is not None:
+            loader._iterator = None
+
     # ------------------------------------------------------------------- the loop
     def train(self) -> dict[str, Any]:
         """Run to ``epochs`` epochs or ``max_steps`` optimizer steps.
@@ -368,6 +379,7 @@ class Trainer:
                 self._call("close", completed)
             finally:
                 self.metric_logger.close()
+                self._release_loader_workers()
                 if self.process.owns_process_group:
                     distributed.cleanup()
         last, best = self.last_path, self.best_path
