@@ -322,7 +322,7 @@ def _agreement(trainer: Any) -> float:
 @pytest.mark.slow
 def test_mask_kd_brings_the_students_masks_to_the_teachers(sam2_store: tuple[Path, Path], synthetic_data_yaml: Path) -> None:
     """With the ground-truth mask loss weighted 0, mask_kd alone (offline, fixed seed) raises the
-    student-teacher mask mIoU on the data's box prompts by at least 0.1 in 100 steps (~40 s here).
+    student-teacher mask mIoU on the data's box prompts by at least 0.1 in 75 steps (~45 s here).
 
     A random-init SAM 2 decoder answers nearly every prompt with the same blob (the student
     agrees with it 0.7 from the start), so the teacher's decoder here is one with structure:
@@ -332,7 +332,7 @@ def test_mask_kd_brings_the_students_masks_to_the_teachers(sam2_store: tuple[Pat
     root, checkpoint = sam2_store
     no_augment = {"mosaic": 0.0, "fliplr": 0.0, "scale": 0.0, "translate": 0.0, "hsv_h": 0.0, "hsv_s": 0.0, "hsv_v": 0.0}
     config = _config(
-        root, checkpoint, synthetic_data_yaml, offline_ratio=1.0, steps=100,
+        root, checkpoint, synthetic_data_yaml, offline_ratio=1.0, steps=75,
         losses={"segmentation": {"weight": 0.0}},
         data={"augment": no_augment, "batch_size": 8},
         train={"lr": 2e-3, "ema": False, "warmup_steps": 5, "log_interval": 20},
@@ -343,6 +343,7 @@ def test_mask_kd_brings_the_students_masks_to_the_teachers(sam2_store: tuple[Pat
     before = _agreement(trainer)
     trainer.train()
     after = _agreement(trainer)
+    print("agreement", before, after)
     assert after >= before + 0.1, (before, after)
 
 
