@@ -2,32 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-os.environ.setdefault("YOLO_OFFLINE", "1")
-os.environ.setdefault("YOLO_VERBOSE", "False")
-ultralytics_tasks = pytest.importorskip("ultralytics.nn.tasks")
-ultralytics_loss = pytest.importorskip("ultralytics.utils.loss")
+from tests.helpers.ultralytics_oracle import import_ultralytics  # noqa: E402
 
-
-def _undo_ultralytics_pil_patch() -> None:
-    # NOTE: importing ultralytics replaces PIL.Image.open process-wide with a wrapper that
-    # pip-installs a HEIF plugin on any unidentified image; other tests feed corrupt
-    # images on purpose, so put Pillow's own function back.
-    from PIL import Image
-
-    patches = __import__("ultralytics.utils.patches", fromlist=["_image_open"])
-    original = getattr(patches, "_image_open", None)
-    if original is not None:
-        Image.open = original
-
-
-_undo_ultralytics_pil_patch()
+ultralytics_tasks = import_ultralytics("ultralytics.nn.tasks")
+ultralytics_loss = import_ultralytics("ultralytics.utils.loss")
 
 from vfmkd.models import build_model  # noqa: E402
 from vfmkd.models.heads import YOLOHead  # noqa: E402

@@ -2,33 +2,16 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torchvision
 
+from tests.helpers.ultralytics_oracle import import_ultralytics
 from vfmkd.models.heads.rtdetr_loss import HungarianMatcher, RTDETRLoss, denoising_matches
 from vfmkd.ops.boxes import aligned_box_giou, aligned_box_iou
 
-os.environ.setdefault("YOLO_OFFLINE", "1")
-os.environ.setdefault("YOLO_VERBOSE", "False")
-ultralytics_detr_ops = pytest.importorskip("ultralytics.models.utils.ops")
-ultralytics_detr_loss = pytest.importorskip("ultralytics.models.utils.loss")
-
-
-def _undo_ultralytics_pil_patch() -> None:
-    # NOTE: importing ultralytics replaces PIL.Image.open process-wide (see
-    # test_model_ultralytics_oracle.py); put Pillow's own function back.
-    from PIL import Image
-
-    patches = __import__("ultralytics.utils.patches", fromlist=["_image_open"])
-    original = getattr(patches, "_image_open", None)
-    if original is not None:
-        Image.open = original
-
-
-_undo_ultralytics_pil_patch()
+ultralytics_detr_ops = import_ultralytics("ultralytics.models.utils.ops")
+ultralytics_detr_loss = import_ultralytics("ultralytics.models.utils.loss")
 
 NUM_CLASSES = 5
 NUM_QUERIES = 12

@@ -304,12 +304,13 @@ def _prompt_tiles(prompts: Prompts, targets: Mapping[str, Any]) -> list[int]:
     frame_index = targets.get("frame_index")
     if frame_index is None or len(prompts) == 0:
         return [0] * len(prompts)
-    batch_idx = torch.as_tensor(targets["batch_idx"]).reshape(-1)
-    tiles = []
-    for image, instance in zip(prompts.image_index.tolist(), prompts.instance.tolist()):
-        row = torch.nonzero(batch_idx == image).flatten()[instance]
-        tiles.append(int(frame_index[row]))
-    return tiles
+    batch_idx = torch.as_tensor(targets["batch_idx"]).reshape(-1).to(prompts.device)
+    # Row of each prompt's instance: its image's rows in order (a stable sort by image), then the instance.
+    order = torch.sort(batch_idx, stable=True).indices
+    starts = torch.cumsum(torch.bincount(batch_idx, minlength=int(prompts.image_index.max()) + 1), 0)
+    starts = torch.cat([starts.new_zeros(1), starts[:-1]])
+    rows = order[starts[prompts.image_index] + prompts.instance]
+    return torch.as_tensor(frame_index).to(prompts.device)[rows].tolist()
 
 
 def _select(prompts: Prompts, rows: torch.Tensor) -> dict[str, torch.Tensor]:

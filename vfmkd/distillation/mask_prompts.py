@@ -19,7 +19,7 @@ from torch import nn
 
 from vfmkd.geometry import Frame, warp_features_batch
 from vfmkd.models.heads.prompts import PADDING_LABEL
-from vfmkd.ops.prompt_decoder import PromptDecoder, to_official_coordinates
+from vfmkd.ops.prompt_decoder import PromptDecoder, prompt_count, to_official_coordinates
 
 __all__ = [
     "LOW_RES_STRIDE",
@@ -108,7 +108,7 @@ class PromptSet:
         rows, record_index, has_box, boxes, points, labels = [], [], [], [], [], []
         slots = max(int(group["points"].shape[1]) if group.get("points") is not None else 0 for _, _, group in groups)
         for row, tile, group in groups:
-            count = _prompt_rows(group)
+            count = prompt_count(group)
             device = next(iter(group.values())).device
             index = unique.setdefault((row, tile), len(unique))
             rows += [row] * count
@@ -205,13 +205,6 @@ def _map_by_record(
         if values[rows].numel():
             mapped[rows] = mapping(values[rows], records[index])
     return mapped
-
-
-def _prompt_rows(prompts: Mapping[str, torch.Tensor]) -> int:
-    for key in ("boxes", "points", "mask_input"):
-        if prompts.get(key) is not None:
-            return int(prompts[key].shape[0])
-    return 0
 
 
 class TeacherSegmenter:

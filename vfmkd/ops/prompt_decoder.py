@@ -36,6 +36,7 @@ __all__ = [
     "checkpoint_state",
     "load_prompt_modules",
     "official_prompt_modules",
+    "prompt_count",
     "prompt_family",
     "to_official_coordinates",
 ]
@@ -230,7 +231,8 @@ class PromptDecoder(nn.Module):
             )
         embedding = features["embed"]
         device = embedding.device
-        count = _prompt_rows(boxes, points, mask_input)
+        # NOTE: no prompt at all: the official decoders then decode the image alone, once.
+        count = prompt_count({"boxes": boxes, "points": points, "mask_input": mask_input}) or 1
         if image_index is None:
             image_index = torch.zeros(count, dtype=torch.int64, device=device)
         # NOTE: the prompt encoder's grid follows the embedding (any input that is a multiple of
@@ -295,15 +297,14 @@ class PromptDecoder(nn.Module):
         return torch.cat(all_masks)[order], torch.cat(all_iou)[order]
 
 
-def _prompt_rows(
-    boxes: torch.Tensor | None, points: tuple[torch.Tensor, torch.Tensor] | None, mask_input: torch.Tensor | None
-) -> int:
-    """How many prompts are given (the first of boxes, points, mask input that is present; 1 when none is:
-    the official decoders then decode the image with no prompt)."""
-    for value in (boxes, None if points is None else points[0], mask_input):
+def prompt_count(prompts: Mapping[str, Any]) -> int:
+    """How many prompts a prompt dict holds: rows of the first of ``boxes``, ``points`` (a tensor,
+    or decode's ``(coords, labels)`` pair) and ``mask_input`` that is present; 0 when none is."""
+    for key in ("boxes", "points", "mask_input"):
+        value = prompts.get(key)
         if value is not None:
-            return int(value.shape[0])
-    return 1
+            return int((value[0] if isinstance(value, tuple) else value).shape[0])
+    return 0
 
 
 def _boxes_as_points(

@@ -52,6 +52,7 @@ from vfmkd.ops.prompt_decoder import (
     checkpoint_state,
     load_prompt_modules,
     official_prompt_modules,
+    prompt_count,
     to_official_coordinates,
 )
 from vfmkd.registry import HEADS
@@ -260,7 +261,7 @@ class SAMMaskHead(BaseHead):
         results = []
         height, width = outputs["input_size"]
         for index, image_prompts in enumerate(prompts):
-            count = _prompt_count(image_prompts)
+            count = prompt_count(image_prompts)
             if count == 0:
                 embedding = outputs["embed"]
                 results.append(
@@ -290,7 +291,7 @@ class SAMMaskHead(BaseHead):
             index: the batch image of every prompt (an int), or of each (``[N]`` int64).
             prompts: ``boxes``, ``points`` / ``point_labels``, ``mask_input`` (input pixels).
         """
-        count = _prompt_count(prompts)
+        count = prompt_count(prompts)
         device = outputs["embed"].device
         image_index = torch.full((count,), index, dtype=torch.int64, device=device) if isinstance(index, int) else index
         # NOTE: float32 maps, so decoding outside the autocast region of the forward (evaluation) works.
@@ -439,14 +440,6 @@ def _image_prompts(prompts: Prompts, rows: torch.Tensor) -> dict[str, torch.Tens
         image_prompts["points"] = prompts.points[rows][:, used]
         image_prompts["point_labels"] = labels[:, used]
     return image_prompts
-
-
-def _prompt_count(prompts: Mapping[str, torch.Tensor]) -> int:
-    """How many prompts an image's prompt dict holds."""
-    for key in ("boxes", "points", "mask_input"):
-        if prompts.get(key) is not None:
-            return int(prompts[key].shape[0])
-    return 0
 
 
 def _binary_iou(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
