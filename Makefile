@@ -1,5 +1,7 @@
 # The two commands: `make demo` and `make test`. Each sets up .venv first when needed.
 VENV ?= .venv
+# Test processes (pytest-xdist); each gets cores / TEST_JOBS torch threads (tests/conftest.py).
+TEST_JOBS ?= 2
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vfmkd-installed
 
@@ -14,10 +16,10 @@ demo: $(STAMP)
 	$(PY) -m vfmkd demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_JOBS) --dist worksteal
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist worksteal -m "not slow"
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_detection_training.py

@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from vfmkd.datasets.synthetic import generate_synthetic_dataset
 
 SYNTHETIC_TRAIN_IMAGES = 6
 SYNTHETIC_VAL_IMAGES = 3
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``make test`` runs ``-n 2``), the cores are shared out between the
+    workers: each worker, and the processes its tests start, gets ``cores // workers`` torch
+    threads, so two workers do not oversubscribe the CPU."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        threads = max(1, (os.cpu_count() or 1) // int(workers))
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
 @pytest.fixture(scope="session")

@@ -39,6 +39,7 @@ def test_extract_info_verify(image_folder, tmp_path, capsys):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["build_args"] == {
         "teacher": "toy_pool", "weights": None, "random_init": True, "seed": 0, "features": None, "image_size": 32,
+        "timm_model": None,
     }
     assert manifest["data_source"] == str(image_folder) and manifest["split"] == "train"
     capsys.readouterr()
@@ -150,3 +151,29 @@ def test_a_real_teacher_when_the_factory_exists(image_folder, tmp_path, capsys):
     store = FeatureStore.open(out, verify=True)
     assert len(store) == 3 and store.manifest["random_init"] is True
     assert main(["features", "verify", str(out), "--num", "2"]) == 0
+
+
+def test_timm_teacher_by_name_with_its_model_then_verify(image_folder, tmp_path, capsys):
+    pytest.importorskip("timm")
+    out = tmp_path / "timm"
+    assert main(["features", "extract", "--teacher", "timm", "--timm-model", "convnext_atto", "--random-init",
+                 "--image-size", "64", "--data", str(image_folder), "--out", str(out), "--limit", "2",
+                 "--num-workers", "0", "--no-progress"]) == 0
+    store = FeatureStore.open(out)
+    assert store.manifest["build_args"]["timm_model"] == "convnext_atto" and len(store) == 2
+    capsys.readouterr()
+    # verify rebuilds the same architecture from the manifest
+    assert main(["features", "verify", str(out), "--num", "2"]) == 0
+    assert "verify: OK" in capsys.readouterr().out
+
+
+def test_unlabeled_images_by_hand_get_the_ids_training_reads(synthetic_data_yaml, image_folder, tmp_path):
+    from vfmkd.datasets.mixed import build_train_dataset
+
+    out = tmp_path / "store"
+    assert main(_extract_args(synthetic_data_yaml, out, "--unlabeled", str(image_folder))) == 0
+    training = build_train_dataset(
+        {"dataset": str(synthetic_data_yaml), "img_size": 64, "unlabeled": [str(image_folder)]}, "train", train=False
+    )
+    assert set(FeatureStore.open(out).ids) == set(training.ids)
+    assert any(sample.startswith("unlabeled0:") for sample in training.ids)

@@ -91,8 +91,11 @@ def build_toy(
     features: Sequence[str] | None = None,
     image_size: int | None = None,
     device: str = "cpu",
+    timm_model: str | None = None,
 ) -> ToyPoolTeacher:
-    """The toy teacher with the signature of ``vfmkd.features.cli.load_teacher``."""
+    """The toy teacher with the signature of ``vfmkd.features.cli.load_teacher`` (no timm model)."""
+    if timm_model is not None:
+        raise ValueError("toy_pool has no timm_model")
     return ToyPoolTeacher(image_size or 32, features, seed).to(device)
 
 

@@ -4,8 +4,8 @@
 
     vfmkd features extract --teacher NAME (--weights PATH | --random-init) --data DATA --out DIR
         [--split train] [--dtype float16|bfloat16|float32|int8] [--features embed,...]
-        [--image-size N] [--batch-size B] [--limit N] [--num-workers N] [--device auto]
-        [--seed S] [--shard-size N] [--verify-existing] [--no-progress]
+        [--image-size N] [--timm-model NAME] [--unlabeled PATH ...] [--batch-size B] [--limit N]
+        [--num-workers N] [--device auto] [--seed S] [--shard-size N] [--verify-existing] [--no-progress]
     vfmkd features extract --config EXPERIMENT --teacher KEY [--split S] [--data DATA] [--out DIR] ...
     vfmkd features info DIR
     vfmkd features verify DIR [--num N] [--weights PATH] [--device auto]
@@ -67,8 +67,10 @@ def load_teacher(
     features: Sequence[str] | None = None,
     image_size: int | None = None,
     device: str = "cpu",
+    timm_model: str | None = None,
 ) -> Any:
-    """Build a teacher by name (:func:`vfmkd.teachers.build_teacher`)."""
+    """Build a teacher by name (:func:`vfmkd.teachers.build_teacher`); ``timm_model`` names
+    the architecture of the ``timm`` teacher."""
     from vfmkd.teachers import build_teacher
 
     return build_teacher(
@@ -79,6 +81,7 @@ def load_teacher(
         features=list(features) if features is not None else None,
         image_size=image_size,
         device=device,
+        options={"timm_model": timm_model} if timm_model else None,
     )
 
 
@@ -91,22 +94,30 @@ class TeacherSettings:
         weights: checkpoint path (None: the teacher's default location, or random init).
         features: feature names (None: all).
         image_size: input size (None: the teacher's default).
+        timm_model: the timm architecture of the ``timm`` teacher (None for the others).
     """
 
     name: str
     weights: str | None
     features: list[str] | None
     image_size: int | None
+    timm_model: str | None = None
 
 
 def teacher_settings(
-    name: str, *, weights: str | None, random_init: bool, features: Sequence[str] | None, image_size: int | None
+    name: str,
+    *,
+    weights: str | None,
+    random_init: bool,
+    features: Sequence[str] | None,
+    image_size: int | None,
+    timm_model: str | None = None,
 ) -> TeacherSettings:
     """Resolve ``--teacher``: a registry name, or a shipped ``configs/teachers/<name>.yaml``.
 
     Options given on the command line win over the config's ``model_path`` (used when
-    the file exists), ``features`` and ``image_size``; with ``--random-init`` no weights
-    are used.
+    the file exists), ``features``, ``image_size`` and ``timm_model``; with
+    ``--random-init`` no weights are used.
     """
     from vfmkd.utils.paths import find_project_file
 
@@ -132,6 +143,7 @@ def teacher_settings(
         weights=resolved_weights,
         features=list(features) if features is not None else (list(config["features"]) if config.get("features") else None),
         image_size=image_size if image_size is not None else config.get("image_size"),
+        timm_model=timm_model or config.get("timm_model"),
     )
 
 
@@ -169,6 +181,7 @@ def extract_teacher_entry(
     data: str | None = None,
     out: str | Path | None = None,
     options: ExtractionOptions = ExtractionOptions(),
+    unlabeled: Sequence[str] = (),
 ) -> FeatureStore:
     """Fill (or finish) the store of an experiment's ``teachers.<key>`` entry, as training will read it.
 
@@ -185,6 +198,8 @@ def extract_teacher_entry(
         out: the store (default the entry's ``feature_path``, or ``val_feature_path`` for
             ``data.val_split``).
         options: how to run it.
+        unlabeled: images to extract besides the split, in place of ``data.unlabeled``
+            (their ids as training gives the entries in this order).
 
     Returns:
         The store, opened.
@@ -201,6 +216,8 @@ def extract_teacher_entry(
     if split == config.data.train_split and not data:
         # Training reads the unlabelled images from the same store, under their namespaced ids.
         data_config["unlabeled"] = list(config.data.unlabeled)
+    if unlabeled:
+        data_config["unlabeled"] = list(unlabeled)
     teacher = build_teacher_from_config(key, teacher_config, device=resolve_device(options.device))
     model_path = teacher_config.model_path
     build_args = {
@@ -210,6 +227,7 @@ def extract_teacher_entry(
         "seed": teacher_config.random_init_seed if teacher.random_init else 0,
         "features": list(teacher_config.features) if teacher_config.features else None,
         "image_size": teacher_config.image_size or None,
+        "timm_model": teacher_config.timm_model,
     }
     return _extract(teacher, build_args, data_config, split, out, options)
 
@@ -285,6 +303,14 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("--dtype", default="float16", choices=CODEC_NAMES, help="storage codec (default float16)")
     parser.add_argument("--features", type=_comma_list, help="features to store, e.g. embed,hires_s8 (default all)")
     parser.add_argument("--image-size", type=int, help="teacher input size (default: the teacher's)")
+    parser.add_argument(
+        "--timm-model", help="the timm architecture of --teacher timm (e.g. convnext_tiny, vit_base_patch16_clip_224)"
+    )
+    parser.add_argument(
+        "--unlabeled", action="append", default=[], metavar="PATH",
+        help="also extract these images (folder, glob or data set; repeatable), under the ids training gives "
+        "data.unlabeled entries in this order (with --config: in place of its data.unlabeled)",
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward (default 8)")
     parser.add_argument("--limit", type=int, help="only the first N samples of the split")
     parser.add_argument("--num-workers", type=int, default=2, help="loader processes (default 2)")
@@ -341,6 +367,7 @@ def _build_teacher(settings: TeacherSettings, *, random_init: bool, seed: int, d
             features=settings.features,
             image_size=settings.image_size,
             device=device,
+            timm_model=settings.timm_model,
         )
     except (KeyError, ValueError) as error:
         raise FeatureStoreError(f"cannot build teacher `{settings.name}`: {error.args[0] if error.args else error}") from error
@@ -367,7 +394,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         if args.config:
             store = extract_teacher_entry(
                 _experiment_for_extraction(args), args.teacher, split=args.split, data=args.data, out=args.out,
-                options=options,
+                options=options, unlabeled=args.unlabeled,
             )
         else:
             store = _extract_named_teacher(args, options)
@@ -383,13 +410,14 @@ def _experiment_for_extraction(args: argparse.Namespace) -> ExperimentConfig:
     given = [
         flag
         for flag, value in (("--weights", args.weights), ("--random-init", args.random_init),
-                            ("--features", args.features), ("--image-size", args.image_size))
+                            ("--features", args.features), ("--image-size", args.image_size),
+                            ("--timm-model", args.timm_model))
         if value
     ]
     if given:
         raise ConfigError(
             f"features extract --config: {', '.join(given)} would contradict teachers.{args.teacher} in "
-            f"{args.config}; set model_path, allow_random_init, features or image_size there"
+            f"{args.config}; set model_path, allow_random_init, features, image_size or timm_model there"
         )
     return load_config(args.config)
 
@@ -407,18 +435,16 @@ def _extract_named_teacher(args: argparse.Namespace, options: ExtractionOptions)
         random_init=args.random_init,
         features=args.features,
         image_size=args.image_size,
+        timm_model=args.timm_model,
     )
     device = resolve_device(options.device)
     teacher = _build_teacher(settings, random_init=args.random_init, seed=args.seed, device=str(device))
     build_args = {
-        "teacher": settings.name,
-        "weights": settings.weights,
-        "random_init": bool(args.random_init),
-        "seed": args.seed,
-        "features": settings.features,
-        "image_size": settings.image_size,
+        "teacher": settings.name, "weights": settings.weights, "random_init": bool(args.random_init), "seed": args.seed,
+        "features": settings.features, "image_size": settings.image_size, "timm_model": settings.timm_model,
     }
-    return _extract(teacher, build_args, {"dataset": args.data}, args.split or "train", args.out, options)
+    data_config = {"dataset": args.data, "unlabeled": list(args.unlabeled)}
+    return _extract(teacher, build_args, data_config, args.split or "train", args.out, options)
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -457,16 +483,9 @@ def format_store_info(store: FeatureStore) -> str:
         mean, std = store.stats(name)
         per_sample = codec.bytes_per_sample(spec.channels, spec.height, spec.width)
         total += per_sample
-        rows.append(
-            (
-                name,
-                f"{spec.channels}x{spec.height}x{spec.width}",
-                str(spec.stride),
-                f"{per_sample:,}",
-                f"{float(np.mean(mean)) if mean.size else 0.0:.4g}",
-                f"{float(np.mean(std)) if std.size else 0.0:.4g}",
-            )
-        )
+        shape = f"{spec.channels}x{spec.height}x{spec.width}"
+        average = [f"{float(np.mean(values)) if values.size else 0.0:.4g}" for values in (mean, std)]
+        rows.append((name, shape, str(spec.stride), f"{per_sample:,}", *average))
     rows.append(("total", "", "", f"{total:,}", "", ""))
     widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
     for row in [header, *rows]:
@@ -493,6 +512,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         weights=args.weights or build.get("weights"),
         features=list(store.specs),
         image_size=build.get("image_size"),
+        timm_model=build.get("timm_model"),
     )
     device = resolve_device(args.device)
     random_init = bool(build.get("random_init")) and not args.weights
