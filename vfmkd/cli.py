@@ -10,6 +10,7 @@ Sub-commands::
     vfmkd features info DIR | verify DIR [--num N]
     vfmkd train --config CFG [--set key=value ...] [--resume]
     vfmkd eval --config CFG --checkpoint CKPT [--set key=value ...]
+    vfmkd predict --checkpoint CKPT --source PATH [--out DIR] [--prompts FILE] [--conf C] ...
     vfmkd demo [--out DIR]
 """
 
@@ -214,6 +215,52 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from vfmkd.inference import Predictor
+
+    predictor = Predictor.from_checkpoint(
+        args.checkpoint,
+        config=args.config,
+        device=args.device,
+        img_size=args.img_size,
+        conf=args.conf,
+        iou=args.iou,
+        max_det=args.max_det,
+        batch_size=args.batch_size,
+    )
+    summary = predictor.predict_source(
+        args.source, out_dir=args.out, prompts=args.prompts, progress=not args.no_progress
+    )
+    rows = len(summary.results)
+    _say(f"{summary.processed} image(s) predicted ({rows} result(s)), {len(summary.skipped)} skipped as unreadable")
+    for path, reason in summary.skipped[:10]:
+        _say(f"  skipped {path}: {reason}")
+    if len(summary.skipped) > 10:
+        _say(f"  ... and {len(summary.skipped) - 10} more (see the warnings above)")
+    _say(f"drawn images: {summary.out_dir}")
+    _say(f"COCO results: {summary.results_file}")
+    return 0
+
+
+def _add_predict_command(commands: Any) -> None:
+    predict = commands.add_parser("predict", help="run a checkpoint on images: drawn images + COCO results")
+    predict.add_argument("--checkpoint", required=True, help="a training checkpoint (best.pt, last.pt)")
+    predict.add_argument("--config", help="experiment YAML naming the classes and size (default: the checkpoint's)")
+    predict.add_argument("--source", required=True, help="an image, a folder, a quoted glob or a .txt list of paths")
+    predict.add_argument(
+        "--out", default="runs/predict", help="output folder (default runs/predict; its files are overwritten)"
+    )
+    predict.add_argument("--prompts", help="JSON of boxes / points per image (original pixels): masks for those")
+    predict.add_argument("--conf", type=float, default=0.25, help="score threshold (default 0.25)")
+    predict.add_argument("--iou", type=float, default=0.7, help="NMS IoU threshold (default 0.7)")
+    predict.add_argument("--max-det", type=int, default=300, help="most detections per image (default 300)")
+    predict.add_argument("--img-size", type=int, default=None, help="input size (default: the training data.img_size)")
+    predict.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default auto)")
+    predict.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default 1)")
+    predict.add_argument("--no-progress", action="store_true", help="no progress bar")
+    predict.set_defaults(handler=_cmd_predict)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from vfmkd.config import load_config
 
@@ -286,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--set", action="append", metavar="KEY=VALUE")
     evaluate.set_defaults(handler=_cmd_eval)
+    _add_predict_command(commands)
 
     from vfmkd.features.cli import add_features_commands
     from vfmkd.teachers.cli import add_weights_commands

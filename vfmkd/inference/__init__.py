@@ -1,0 +1,15 @@
+"""Predict with a trained student: ``vfmkd predict`` and its Python API.
+
+- :class:`Predictor` (:mod:`vfmkd.inference.predictor`): letterbox, engine, results in
+  original pixels; ``Predictor.from_checkpoint(path)``, ``predictor(images)``,
+  ``predictor.predict_source(source, out_dir=...)``.
+- :func:`predict`: the command in one call.
+- :mod:`vfmkd.inference.sources`: images of a source, prompts files.
+- :mod:`vfmkd.inference.engine`: the model behind a predictor (PyTorch now).
+- :mod:`vfmkd.inference.writers`: drawn images and COCO results.
+"""
+
+from vfmkd.inference.predictor import Prediction, Predictor, PredictSummary, predict
+from vfmkd.inference.sources import ImagePrompts, PredictError
+
+__all__ = ["ImagePrompts", "PredictError", "Prediction", "PredictSummary", "Predictor", "predict"]
