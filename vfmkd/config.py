@@ -214,6 +214,8 @@ class TrainConfig(_Strict):
     ema_decay: float = Field(default=0.9999, gt=0.0, lt=1.0)
     ema_tau: float = Field(default=2000.0, gt=0.0)
     grad_clip: float | None = Field(default=10.0, gt=0.0)
+    # Optimizer steps in a row skipped for a non-finite loss or gradient before the run stops.
+    max_bad_steps: int = Field(default=10, ge=1)
     accumulate: int = Field(default=1, ge=1)
     amp: bool = True
     amp_dtype: Literal["auto", "bf16", "fp16"] = "auto"

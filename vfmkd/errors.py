@@ -10,11 +10,16 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
-__all__ = ["UserError", "run_with_user_errors"]
+__all__ = ["TrainingDivergedError", "UserError", "run_with_user_errors"]
 
 
 class UserError(Exception):
     """An error whose message says what was wrong, where, and what to do; no traceback needed."""
+
+
+class TrainingDivergedError(UserError, RuntimeError):
+    """Training diverged: non-finite losses, gradients or weights. The message names the
+    step, the last finite loss, what to change and which checkpoint holds the last good state."""
 
 
 def run_with_user_errors(action: Callable[[], int]) -> int:

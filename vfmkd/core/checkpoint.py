@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from vfmkd.distillation.distiller import build_distiller
-from vfmkd.errors import UserError
+from vfmkd.errors import TrainingDivergedError, UserError
 from vfmkd.models import build_model
 from vfmkd.utils.distributed import unwrap_model
 from vfmkd.utils.io import atomic_torch_save
@@ -169,7 +169,27 @@ def save_checkpoint(
         "best_fitness": None if best_fitness is None else float(best_fitness),
         "metrics": dict(metrics) if metrics is not None else None,
     }
+    _refuse_nonfinite_weights(checkpoint, Path(path))
     return atomic_torch_save(checkpoint, path)
+
+
+def _refuse_nonfinite_weights(checkpoint: Mapping[str, Any], path: Path) -> None:
+    """Raise :class:`TrainingDivergedError` when the weights to save hold NaN or infinity."""
+    parts = {"model": checkpoint["model"], "distiller": checkpoint["distiller"]}
+    if checkpoint["ema"] is not None:
+        parts.update({"ema": checkpoint["ema"]["module"], "ema distiller": checkpoint["ema"]["distiller"]})
+    broken = [
+        f"{part}.{name}"
+        for part, state in parts.items()
+        for name, value in (state or {}).items()
+        if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all())
+    ]
+    if broken:
+        kept = f"{path} on disk is unchanged (the last good state)" if path.is_file() else f"{path} was not written"
+        raise TrainingDivergedError(
+            f"refusing to save non-finite weights ({len(broken)} tensor(s), first: {', '.join(broken[:3])}); {kept}. "
+            "Lower train.lr, set train.grad_clip, or train in fp32 (train.amp=false)."
+        )
 
 
 def _student_and_distiller(module: nn.Module) -> tuple[nn.Module, nn.Module | None]:

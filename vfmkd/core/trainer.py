@@ -46,9 +46,11 @@ from torch.utils.data import Dataset
 from vfmkd.config import TrainConfig
 from vfmkd.core.checkpoint import CheckpointError, load_checkpoint, load_training_state, restore_rng_state
 from vfmkd.core.ema import ModelEMA
+from vfmkd.core.guards import divergence_advice, nonfinite_names
 from vfmkd.core.hooks import CheckpointHook, Hook
 from vfmkd.core.loader import BatchMix, build_train_loader
 from vfmkd.datasets.collate import batch_to_device, collate_samples
+from vfmkd.errors import TrainingDivergedError
 from vfmkd.utils import distributed
 from vfmkd.utils.amp import resolve_amp
 from vfmkd.utils.logging import MetricLogger, log_to_file
@@ -60,15 +62,10 @@ logger = logging.getLogger(__name__)
 LossFunction = Callable[[nn.Module, Any, dict[str, Any]], dict[str, torch.Tensor]]
 HookType = TypeVar("HookType", bound=Hook)
 
-MAX_CONSECUTIVE_NONFINITE = 10
 # NOTE: SIGTERM is what schedulers (SLURM, Kubernetes) send before preempting a job;
 # SIGUSR1 is SLURM's configurable early warning. Both end the run at the next step with a
 # last.pt to resume from.
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
-
-
-class TrainingDivergedError(RuntimeError):
-    """Too many optimizer steps in a row had a non-finite loss or gradient."""
 
 
 class ProcessContext:
@@ -183,6 +180,7 @@ class Trainer:
         self.step_data_time = 0.0
         self.metric_logger: Any = None
         self._consecutive_nonfinite = 0
+        self._last_finite_loss: tuple[int, float] | None = None
         self._stop_requested = False
 
         self.train_model: nn.Module = self.model
@@ -490,6 +488,7 @@ class Trainer:
         """
         distributed_run = isinstance(self.train_model, nn.parallel.DistributedDataParallel)
         group_finite = True
+        bad_terms: list[str] = []
         sums: dict[str, float] = {}
         self.step_images, self.step_labeled_images, self.step_data_time = 0, 0, 0.0
         for micro_batch in range(group_size):
@@ -515,22 +514,36 @@ class Trainer:
                     self.scaler.scale(total / group_size).backward()
                 else:
                     group_finite = False
+                    # NOTE: "total" alone when the terms are finite but their sum is not, or under
+                    # DDP when another rank's loss was the non-finite one.
+                    bad_terms = [name for name, value in zip(losses, reported[1:]) if not math.isfinite(value)] or [
+                        "total"
+                    ]
             for name, value in zip(["total", *losses], reported):
                 sums[name] = sums.get(name, 0.0) + value
             self.batch_in_epoch += 1
             self.step_images += batch["images"].shape[0]
             progress.update(1)
         values = {name: total_value / group_size for name, total_value in sums.items()}
-        grad_norm = self._apply_gradients(group_finite)
+        if group_finite:
+            self._last_finite_loss = (self.step + 1, values["total"])
+        grad_norm = self._apply_gradients(group_finite, "loss (" + ", ".join(bad_terms) + ")")
         self.step += 1
         values.update({key: self.learning_rates[key] for key in ("lr", "bias_lr") if key in self.learning_rates})
         values["grad_norm"] = grad_norm
         return values
 
-    def _apply_gradients(self, finite: bool) -> float:
-        """Unscale, clip and step (unless the loss or the gradient is not finite); the gradient norm."""
+    def _apply_gradients(self, finite: bool, bad_terms: str) -> float:
+        """Unscale, clip and step (unless the loss or the gradient is not finite); the gradient norm.
+
+        An fp16 grad scaler skips its own overflowing steps while it calibrates; those are
+        normal and not counted. A step that leaves non-finite weights stops the run at once
+        (before the EMA or a checkpoint sees them), as does a forward pass that leaves
+        non-finite batch-norm statistics.
+        """
         stepped = False
         grad_norm = float("nan")
+        what = bad_terms
         if finite:
             self.scaler.unscale_(self.optimizer)
             max_norm = self.settings.grad_clip or float("inf")
@@ -539,35 +552,47 @@ class Trainer:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 stepped = True
+            else:
+                what = "gradients of " + ", ".join(nonfinite_names(self.model, gradients=True))
         self.optimizer.zero_grad(set_to_none=True)
+        # NOTE: also after a skipped step: the forward pass alone updates batch-norm statistics.
+        broken = nonfinite_names(self.model, gradients=False)
+        if broken:
+            raise TrainingDivergedError(
+                f"step {self.step + 1}: weights or statistics became non-finite ({', '.join(broken)}); they were "
+                f"not saved. {self._divergence_advice()}"
+            )
         if stepped:
             self._consecutive_nonfinite = 0
             if self.ema is not None:
                 self.ema.update(self.model)
         else:
-            self._skip_step("loss" if not finite else "gradient")
+            self._skip_step(what)
         return grad_norm
 
     def _skip_step(self, what: str) -> None:
         self.skipped_steps += 1
         self._consecutive_nonfinite += 1
         logger.warning(
-            "step %d (epoch %d): non-finite %s, optimizer step skipped (%d in a row, %d in total)",
-            self.step,
-            self.epoch,
-            what,
-            self._consecutive_nonfinite,
-            self.skipped_steps,
+            "step %d (epoch %d): non-finite %s; optimizer step skipped (%d in a row, %d in total)",
+            self.step + 1, self.epoch, what, self._consecutive_nonfinite, self.skipped_steps,
         )
-        if self._consecutive_nonfinite >= MAX_CONSECUTIVE_NONFINITE:
+        if self._consecutive_nonfinite >= self.settings.max_bad_steps:
             raise TrainingDivergedError(
-                f"{self._consecutive_nonfinite} optimizer steps in a row had a non-finite {what} "
-                f"(up to step {self.step}, epoch {self.epoch}). Lower train.lr, set train.grad_clip, "
-                f"try train.amp=false, or check the data; {self.last_path} holds the last saved state."
+                f"{self._consecutive_nonfinite} optimizer steps in a row (train.max_bad_steps) were skipped, "
+                f"the last for non-finite {what} (step {self.step + 1}, epoch {self.epoch}). "
+                f"{self._divergence_advice()}"
             )
+
+    def _divergence_advice(self) -> str:
+        return divergence_advice(
+            self._last_finite_loss, self.learning_rates.get("lr", self.settings.lr), self.settings.grad_clip,
+            self.autocast_enabled, self.last_path,
+        )
 
 
 def _labeled_count(batch: Mapping[str, Any]) -> int:
     """Samples of a (CPU) batch with labels: ``targets["has_labels"]``, all when absent."""
     flags = (batch.get("targets") or {}).get("has_labels")
     return int(flags.sum()) if flags is not None else int(batch["images"].shape[0])
+
