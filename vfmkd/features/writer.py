@@ -76,7 +76,7 @@ def _write_npy(path: Path, array: np.ndarray) -> dict[str, Any]:
         np.lib.format.write_array(hashing, np.ascontiguousarray(array), allow_pickle=False)
         result.update(bytes=hashing.size, sha256=hashing.digest.hexdigest())
 
-    atomic_write(path, write)
+    atomic_write(path, write, size=array.nbytes)
     return {
         "file": path.name,
         "bytes": result["bytes"],
