@@ -118,3 +118,14 @@ def test_seed_config_without_a_store_says_how_to_make_it(tmp_path, capsys, monke
     assert code == 2
     err = capsys.readouterr().err
     assert "teachers.sam2.feature_path" in err and "prepare_teacher_features.py --teacher sam2" in err
+
+
+def test_eval_table_leaves_out_classes_without_ground_truth():
+    from vfmkd.cli import per_class_table
+
+    metrics = {"per_class": {"person": 0.5, "toaster": float("nan"), "zebra": float("nan")},
+               "mask_per_class": {"person": 0.25}}
+    table = per_class_table(metrics)
+    assert "person  AP 0.5000" in table and "person  mask AP 0.2500" in table
+    assert "nan" not in table and "toaster" not in table
+    assert "(2 classes without ground truth in this split not listed)" in table

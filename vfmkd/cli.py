@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -206,13 +207,24 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         },
     )
     _say(json.dumps({k: v for k, v in metrics.items() if not k.endswith("per_class")}, indent=2))
-    # NOTE: per_class is box AP, mask_per_class mask AP (coco_segm); one table each.
-    for key, label in (("per_class", "AP"), ("mask_per_class", "mask AP")):
-        per_class = metrics.get(key) or {}
-        if per_class:
-            width = max(len(name) for name in per_class)
-            _say("\n".join(f"  {name:<{width}}  {label} {ap:.4f}" for name, ap in per_class.items()))
+    table = per_class_table(metrics)
+    if table:
+        _say(table)
     return 0
+
+
+def per_class_table(metrics: dict) -> str:
+    """Box AP (``per_class``) and mask AP (``mask_per_class``) by class, one table each;
+    classes without ground truth in the split (NaN) are left out and counted."""
+    lines = []
+    for key, label in (("per_class", "AP"), ("mask_per_class", "mask AP")):
+        every = metrics.get(key) or {}
+        present = {name: ap for name, ap in every.items() if not math.isnan(ap)}
+        width = max((len(name) for name in present), default=0)
+        lines += [f"  {name:<{width}}  {label} {ap:.4f}" for name, ap in present.items()]
+        if len(every) > len(present):
+            lines.append(f"  ({len(every) - len(present)} classes without ground truth in this split not listed)")
+    return "\n".join(lines)
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:

@@ -305,3 +305,11 @@ def test_worker_processes_give_the_same_run(tmp_path):
     workers = make_trainer(config)
     workers.train()
     _assert_same_state(single.model.state_dict(), workers.model.state_dict())
+
+
+def test_a_run_shorter_than_the_log_interval_still_logs_its_last_step(tmp_path):
+    config = make_config(tmp_path, "short", max_steps=3, accumulate=1, amp=False, log_interval=10)
+    make_trainer(config).train()
+    records = [json.loads(line) for line in (tmp_path / "short" / "metrics.jsonl").read_text().splitlines()]
+    train = [record for record in records if record["kind"] == "train"]
+    assert [record["step"] for record in train] == [3] and "loss/total" in train[0]

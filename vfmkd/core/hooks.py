@@ -155,7 +155,8 @@ class TeacherLifecycleHook(Hook):
 
 
 class MetricsLogHook(Hook):
-    """Every ``interval`` steps: mean losses (averaged over ranks), LR, speed, data-wait share.
+    """Every ``interval`` steps and at the last one: mean losses (averaged over ranks), LR,
+    speed, data-wait share.
 
     Goes to ``metrics.jsonl`` / TensorBoard through the trainer's metric logger and, on
     rank 0, to the log. The interval restarts at each epoch.
@@ -182,6 +183,11 @@ class MetricsLogHook(Hook):
         self._images += trainer.step_images
         self._data_time += trainer.step_data_time
         if trainer.step % self.interval == 0:
+            self._log()
+
+    def after_train(self) -> None:
+        # The last step is always logged, also in runs shorter than the interval.
+        if self._steps:
             self._log()
 
     def _log(self) -> None:
