@@ -5,7 +5,16 @@ from __future__ import annotations
 import difflib
 from typing import Any, Callable, Iterator, TypeVar
 
+from vfmkd.errors import UserError
+
 T = TypeVar("T", bound=Callable[..., Any])
+
+
+class UnknownNameError(UserError, KeyError):
+    """A name no registry entry has; a KeyError (as before) that prints as its message."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 class Registry:
@@ -38,7 +47,7 @@ class Registry:
         except KeyError:
             close = difflib.get_close_matches(name, self._entries, n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise KeyError(
+            raise UnknownNameError(
                 f"unknown {self.kind} '{name}'.{hint} Known: {', '.join(sorted(self._entries))}"
             ) from None
 

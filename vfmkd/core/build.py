@@ -270,6 +270,7 @@ def build_trainer(
         model = build_model(config.to_dict()["model"])
     if train_dataset is None:
         train_dataset = build_train_dataset(config.data, config.data.train_split, seed=config.train.seed)
+    check_class_count(model, train_dataset, config.data.dataset)
     mixed = train_dataset if isinstance(train_dataset, MixedDataset) else None
     if val_dataset is None:
         val_dataset = build_dataset(config.data, config.data.val_split, train=False)
@@ -304,6 +305,25 @@ def build_trainer(
         checkpoint = trainer.resume()
         _warn_config_changes(config, checkpoint.get("config") or {})
     return trainer
+
+
+def check_class_count(model: nn.Module, dataset: Any, data_name: str) -> None:
+    """Fail before any step when a head has fewer classes than the labelled data's names.
+
+    Raises:
+        ConfigError: naming the head's ``num_classes`` key and the count to set.
+    """
+    names = list(getattr(dataset, "names", None) or [])
+    if not names or not getattr(dataset, "has_labels", True):
+        return
+    for head_name, head in (getattr(model, "heads", None) or {}).items():
+        count = getattr(head, "num_classes", None)
+        if count is not None and count < len(names):
+            shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+            raise ConfigError(
+                f"model.heads.{head_name}.num_classes is {count}, but the data set '{data_name}' has "
+                f"{len(names)} class names ({shown}); set model.heads.{head_name}.num_classes: {len(names)}"
+            )
 
 
 def _batch_mix(config: ExperimentConfig, mixed: MixedDataset | None) -> BatchMix | None:

@@ -278,6 +278,17 @@ def _upgrade_format1(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return checkpoint
 
 
+def _check_torch_file(path: Path) -> None:
+    """Refuse a file that is no ``torch.save`` output at all (a zip archive, or a legacy pickle)."""
+    with open(path, "rb") as file:
+        head = file.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):
+        raise CheckpointError(
+            f"{path}: not a PyTorch checkpoint (torch.save writes a zip archive or a pickle; this file starts "
+            f"with {head!r}); pass a checkpoint written by training, e.g. runs/<run>/checkpoints/last.pt"
+        )
+
+
 def _plain_config(config: Any) -> dict[str, Any] | None:
     """A model config as a plain dict (pydantic models are dumped)."""
     if config is None:
@@ -302,6 +313,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    _check_torch_file(path)
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
@@ -311,7 +323,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             "hold tensors and plain values only. If you trust this file, load it with "
             "torch.load(path, weights_only=False) and re-save its state dicts with save_checkpoint."
         ) from None
-    except (RuntimeError, EOFError) as error:
+    except (RuntimeError, EOFError, KeyError, ValueError) as error:
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({error})") from None
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
         raise CheckpointError(
