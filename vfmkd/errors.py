@@ -10,11 +10,16 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
-__all__ = ["TrainingDivergedError", "UserError", "run_with_user_errors"]
+__all__ = ["DataLoadingError", "TrainingDivergedError", "UserError", "run_with_user_errors"]
 
 
 class UserError(Exception):
     """An error whose message says what was wrong, where, and what to do; no traceback needed."""
+
+
+class DataLoadingError(UserError, RuntimeError):
+    """A training sample could not be loaded (its id and the cause), or a loader worker died
+    (its pid and the signal)."""
 
 
 class TrainingDivergedError(UserError, RuntimeError):

@@ -122,7 +122,7 @@ def make_trainer(config, trainer_class=Trainer, resume: bool = False, **kwargs):
     return build_trainer(
         config,
         model=kwargs.pop("model", None) or TinyDetector(),
-        train_dataset=AugmentedDataset(),
+        train_dataset=kwargs.pop("train_dataset", None) or AugmentedDataset(),
         val_dataset=AugmentedDataset(4),
         collate_fn=collate,
         resume=resume,

@@ -12,12 +12,15 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import signal
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
+
+from vfmkd.errors import DataLoadingError
 
 __all__ = ["BatchMix", "MixedBatchSampler", "ResumableSampler", "SeededDataset", "build_train_loader", "seed_everything"]
 
@@ -88,7 +91,67 @@ class SeededDataset(Dataset):
             np.random.seed(numpy_seed)
             # NOTE: only the CPU generator; torch.manual_seed would also reseed CUDA.
             torch.default_generator.manual_seed(torch_seed)
-            return self.dataset[index]
+            try:
+                return self.dataset[index]
+            except Exception as error:
+                raise DataLoadingError(
+                    f"training sample '{_sample_id(self.dataset, index)}' (index {index}, epoch {epoch}) could not be "
+                    f"loaded: {type(error).__name__}: {error}"
+                ) from error
+
+
+def _sample_id(dataset: Any, index: int) -> str:
+    """The id of sample ``index`` of ``dataset`` or of the data set it wraps; the index otherwise."""
+    while dataset is not None:
+        ids = getattr(dataset, "ids", None)
+        if ids is not None and 0 <= index < len(ids):
+            return str(ids[index])
+        dataset = getattr(dataset, "dataset", None)
+    return str(index)
+
+
+def release_workers(loader: DataLoader | None) -> None:
+    """Stop a loader's persistent workers now that the run is over.
+
+    NOTE: left to the garbage collector, their shutdown waits a 5 s timeout per worker
+    wherever the collector happens to run (in a later evaluation or run). A new
+    ``iter(loader)`` starts fresh workers.
+    """
+    if loader is not None and getattr(loader, "_iterator", None) is not None:
+        loader._iterator = None
+
+
+def worker_failure(error: BaseException, iterator: Any = None) -> DataLoadingError | None:
+    """A user-facing error for a data loader failure; None for other errors.
+
+    A worker that died (its exit code, from ``iterator``'s worker processes) explains any
+    error it caused: PyTorch's ``RuntimeError`` from its SIGCHLD handler or its queue
+    timeout, or a ``ConnectionResetError`` when it died while sending a batch. A sample's
+    failure in a worker comes back as PyTorch's re-raise, whose message holds the worker's
+    traceback: its last line is our message.
+    """
+    text = str(error)
+    workers = getattr(iterator, "_workers", None) or []
+    dead = [worker for worker in workers if worker.exitcode is not None and worker.exitcode != 0]
+    if isinstance(error, DataLoadingError) and not dead:
+        last = [line for line in text.splitlines() if line.strip()][-1] if text.strip() else text
+        return DataLoadingError(last.split("DataLoadingError: ", 1)[-1])
+    if dead or (isinstance(error, RuntimeError) and text.startswith("DataLoader worker")):
+        how = [f"pid {worker.pid} " + (f"killed by {_signal_name(-worker.exitcode)}" if worker.exitcode < 0
+                                        else f"exited with code {worker.exitcode}") for worker in dead]
+        what = ", ".join(how) if how else text.strip().splitlines()[0].strip()
+        return DataLoadingError(
+            f"a data loader worker died ({what}). SIGKILL is often the out-of-memory killer: lower "
+            "data.num_workers or data.batch_size, or turn off data.cache_images; resume with --resume."
+        )
+    return None
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 class ResumableSampler(DistributedSampler):

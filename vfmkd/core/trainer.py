@@ -48,7 +48,7 @@ from vfmkd.core.checkpoint import CheckpointError, load_checkpoint, load_trainin
 from vfmkd.core.ema import ModelEMA
 from vfmkd.core.guards import divergence_advice, nonfinite_names
 from vfmkd.core.hooks import CheckpointHook, Hook
-from vfmkd.core.loader import BatchMix, build_train_loader
+from vfmkd.core.loader import BatchMix, build_train_loader, release_workers, worker_failure
 from vfmkd.datasets.collate import batch_to_device, collate_samples
 from vfmkd.errors import TrainingDivergedError
 from vfmkd.utils import distributed
@@ -181,6 +181,7 @@ class Trainer:
         self.metric_logger: Any = None
         self._consecutive_nonfinite = 0
         self._last_finite_loss: tuple[int, float] | None = None
+        self._epoch_iterator: Any = None
         self._stop_requested = False
 
         self.train_model: nn.Module = self.model
@@ -336,17 +337,6 @@ class Trainer:
         flag = torch.tensor([1.0 if self._stop_requested else 0.0], device=self.collective_device)
         return bool(distributed.all_reduce_max(flag).item())
 
-    def _release_loader_workers(self) -> None:
-        """Stop the training loader's persistent workers now that the run is over.
-
-        NOTE: left to the garbage collector, their shutdown waits a 5 s timeout per worker
-        wherever the collector happens to run (in a later evaluation or run). A new
-        ``iter(self.train_loader)`` starts fresh workers.
-        """
-        loader = getattr(self, "train_loader", None)
-        if loader is not None and getattr(loader, "_iterator", None) is not None:
-            loader._iterator = None
-
     # ------------------------------------------------------------------- the loop
     def train(self) -> dict[str, Any]:
         """Run to ``epochs`` epochs or ``max_steps`` optimizer steps.
@@ -360,6 +350,17 @@ class Trainer:
             (latest evaluation), ``best_fitness``, ``step``, ``epoch``, ``interrupted``,
             ``skipped_steps`` and ``is_main``.
         """
+        try:
+            return self._train()
+        except (RuntimeError, OSError) as error:
+            # NOTE: a sample that cannot be loaded, or a dead worker (PyTorch's SIGCHLD handler
+            # raises wherever the process is, also in the clean-up): one clear error.
+            failure = worker_failure(error, self._epoch_iterator)
+            if failure is None:
+                raise
+            raise failure from None
+
+    def _train(self) -> dict[str, Any]:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metric_logger = MetricLogger(self.run_dir, enabled=self.is_main)
@@ -377,7 +378,7 @@ class Trainer:
                 self._call("close", completed)
             finally:
                 self.metric_logger.close()
-                self._release_loader_workers()
+                release_workers(getattr(self, "train_loader", None))
                 if self.process.owns_process_group:
                     distributed.cleanup()
         last, best = self.last_path, self.best_path
@@ -458,7 +459,7 @@ class Trainer:
             progress.close()
 
     def _run_epoch_steps(self, progress: Any) -> bool:
-        iterator = iter(self.train_loader)
+        iterator = self._epoch_iterator = iter(self.train_loader)
         started = time.perf_counter()
         images = 0
         while self.batch_in_epoch < self.batches_per_epoch:
