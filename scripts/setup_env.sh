@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv (when missing) and install vfmkd with its test dependencies into it.
+# Create .venv (when missing) and install vfmkd with its test and export (ONNX) dependencies into it.
 # Usage: bash scripts/setup_env.sh            (VENV=path and PYTHON=python3.x to choose)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +23,6 @@ fi
 "$VENV/bin/python" -m pip install --quiet "setuptools>=64" wheel
 SAM2_BUILD_CUDA=0 "$VENV/bin/python" -m pip install --quiet --no-build-isolation "sam2>=1.1.0" "segment-anything>=1.0"
 "$VENV/bin/python" -m pip install --quiet -r requirements.txt
-"$VENV/bin/python" -m pip install --quiet -e ".[test]"
+"$VENV/bin/python" -m pip install --quiet -e ".[test,export]"
 touch "$STAMP"
 echo "vfmkd installed in $VENV ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'))"

@@ -11,6 +11,8 @@ Sub-commands::
     vfmkd train --config CFG [--set key=value ...] [--resume]
     vfmkd eval --config CFG --checkpoint CKPT [--set key=value ...]
     vfmkd predict --checkpoint CKPT --source PATH [--out DIR] [--prompts FILE] [--conf C] ...
+    vfmkd predict --engine onnxruntime --model FILE.onnx --source PATH [--out DIR] ...
+    vfmkd export --checkpoint CKPT --format onnx [--img-size N] [--dynamic] [--opset N] [--out FILE] [--nms]
     vfmkd demo [--out DIR]
 """
 
@@ -228,18 +230,24 @@ def per_class_table(metrics: dict) -> str:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from vfmkd.inference import Predictor
+    from vfmkd.inference import PredictError, Predictor
 
-    predictor = Predictor.from_checkpoint(
-        args.checkpoint,
-        config=args.config,
-        device=args.device,
-        img_size=args.img_size,
-        conf=args.conf,
-        iou=args.iou,
-        max_det=args.max_det,
-        batch_size=args.batch_size,
-    )
+    options = {"img_size": args.img_size, "conf": args.conf, "iou": args.iou, "max_det": args.max_det}
+    options["batch_size"] = args.batch_size
+    if args.engine == "onnxruntime":
+        if args.model is None or args.checkpoint is not None or args.config is not None:
+            raise PredictError(
+                "--engine onnxruntime runs an exported model: give --model FILE.onnx (no --checkpoint, --config)"
+            )
+        # NOTE: --device cuda asks onnxruntime for its CUDA provider (the CPU one stays the fallback).
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if args.device.startswith("cuda") else None
+        predictor = Predictor.from_onnx(args.model, providers=providers, **options)
+    else:
+        if args.checkpoint is None or args.model is not None:
+            raise PredictError(
+                "--engine torch runs a checkpoint: give --checkpoint CKPT (--model is for --engine onnxruntime)"
+            )
+        predictor = Predictor.from_checkpoint(args.checkpoint, config=args.config, device=args.device, **options)
     summary = predictor.predict_source(
         args.source, out_dir=args.out, prompts=args.prompts, progress=not args.no_progress
     )
@@ -256,7 +264,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def _add_predict_command(commands: Any) -> None:
     predict = commands.add_parser("predict", help="run a checkpoint on images: drawn images + COCO results")
-    predict.add_argument("--checkpoint", required=True, help="a training checkpoint (best.pt, last.pt)")
+    predict.add_argument("--checkpoint", help="a training checkpoint (best.pt, last.pt); --engine torch")
+    predict.add_argument(
+        "--engine", choices=("torch", "onnxruntime"), default="torch", help="torch (a checkpoint, the default) or "
+        "onnxruntime (an exported detector, --model)"
+    )
+    predict.add_argument("--model", help="the detector graph of vfmkd export (FILE.onnx); --engine onnxruntime")
     predict.add_argument("--config", help="experiment YAML naming the classes and size (default: the checkpoint's)")
     predict.add_argument("--source", required=True, help="an image, a folder, a quoted glob or a .txt list of paths")
     predict.add_argument(
@@ -350,8 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
     from vfmkd.features.cli import add_features_commands
     from vfmkd.teachers.cli import add_weights_commands
 
+    from vfmkd.export.cli import add_export_command
+
     add_weights_commands(commands)
     add_features_commands(commands)
+    add_export_command(commands)
 
     demo = commands.add_parser("demo", help="the whole flow on the built-in data set")
     demo.add_argument("--config", default=DEMO_CONFIG)

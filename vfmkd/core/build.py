@@ -226,7 +226,11 @@ def default_hooks(
             collate_fn=collate_fn,
         ),
         CheckpointHook(
-            config.run_dir / "checkpoints", interval=settings.save_interval, config=config
+            config.run_dir / "checkpoints",
+            interval=settings.save_interval,
+            config=config,
+            names=getattr(val_dataset, "names", None),
+            category_ids=getattr(val_dataset, "eval_category_ids", None),
         ),
     ]
     return hooks

@@ -18,6 +18,11 @@ runs code from the file. Keys::
     rng_state       per rank, python / numpy / torch / cuda generator states (plain values)
     best_fitness    float or None
     metrics         the latest evaluation metrics
+    names           class name of each detector label (the data set's), or None
+    category_ids    COCO category id of each label, or None
+
+(``names`` and ``category_ids`` came later within format 2; older files have neither and
+predict / export then read the classes from the config's data set.)
 
 The student loads alone (eval, predict, export) from ``model`` or ``ema.module``. Format 1
 kept the distiller's adapters inside the student's state under ``distill.``;
@@ -30,7 +35,7 @@ import logging
 import pickle
 import random
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -124,6 +129,8 @@ def save_checkpoint(
     metrics: Mapping[str, Any] | None = None,
     batch_in_epoch: int = 0,
     world_size: int = 1,
+    names: Sequence[str] | None = None,
+    category_ids: Sequence[int] | None = None,
 ) -> Path:
     """Write a checkpoint atomically (readers see the old file or the complete new one).
 
@@ -145,6 +152,8 @@ def save_checkpoint(
         metrics: latest evaluation metrics.
         batch_in_epoch: micro-batches of ``epoch`` already consumed (per rank).
         world_size: processes of the run (the data order depends on it).
+        names: class name of each label (predict and export read them).
+        category_ids: COCO category id of each label (default ``label + 1``).
 
     Returns:
         ``path``.
@@ -168,6 +177,8 @@ def save_checkpoint(
         "rng_state": rng_state,
         "best_fitness": None if best_fitness is None else float(best_fitness),
         "metrics": dict(metrics) if metrics is not None else None,
+        "names": [str(name) for name in names] if names else None,
+        "category_ids": [int(value) for value in category_ids] if names and category_ids else None,
     }
     _refuse_nonfinite_weights(checkpoint, Path(path))
     return atomic_torch_save(checkpoint, path)

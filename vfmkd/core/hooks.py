@@ -375,13 +375,26 @@ class CheckpointHook(Hook):
         interval: epochs between ``last.pt`` writes.
         config: the experiment, kept in each checkpoint (to rebuild the model) and written
             to ``config.yaml`` beside ``directory`` when training starts.
+        names: the data set's class names, kept in each checkpoint (predict and export
+            name their detections with them).
+        category_ids: the COCO category id of each class.
     """
 
-    def __init__(self, directory: str | Path, *, interval: int = 1, config: ExperimentConfig | None = None) -> None:
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        interval: int = 1,
+        config: ExperimentConfig | None = None,
+        names: Sequence[str] | None = None,
+        category_ids: Sequence[int] | None = None,
+    ) -> None:
         self.directory = Path(directory)
         self.interval = interval
         self.config = config
         self.config_dict = config.to_dict() if config is not None else {}
+        self.names = list(names) if names else None
+        self.category_ids = list(category_ids) if names and category_ids else None
 
     @property
     def last_path(self) -> Path:
@@ -428,6 +441,8 @@ class CheckpointHook(Hook):
                 metrics=trainer.metrics,
                 batch_in_epoch=trainer.batch_in_epoch,
                 world_size=trainer.world_size,
+                names=self.names,
+                category_ids=self.category_ids,
             )
             if last:
                 save_checkpoint(self.last_path, **arguments)

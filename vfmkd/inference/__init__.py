@@ -5,11 +5,14 @@
   ``predictor.predict_source(source, out_dir=...)``.
 - :func:`predict`: the command in one call.
 - :mod:`vfmkd.inference.sources`: images of a source, prompts files.
-- :mod:`vfmkd.inference.engine`: the model behind a predictor (PyTorch now).
+- :func:`letterbox`: images as the predictor feeds them to its engine (centred, grey 114).
+- :mod:`vfmkd.inference.engine`: the model behind a predictor in PyTorch;
+  :mod:`vfmkd.inference.onnx_engine`: an exported detector in onnxruntime
+  (``Predictor.from_onnx``) and the metadata of exported files.
 - :mod:`vfmkd.inference.writers`: drawn images and COCO results.
 """
 
-from vfmkd.inference.predictor import Prediction, Predictor, PredictSummary, predict
+from vfmkd.inference.predictor import Prediction, Predictor, PredictSummary, letterbox, predict
 from vfmkd.inference.sources import ImagePrompts, PredictError
 
-__all__ = ["ImagePrompts", "PredictError", "Prediction", "PredictSummary", "Predictor", "predict"]
+__all__ = ["ImagePrompts", "PredictError", "Prediction", "PredictSummary", "Predictor", "letterbox", "predict"]

@@ -1,6 +1,8 @@
-"""The class names and COCO category ids of a checkpoint's detector, from its data set.
+"""The class names and COCO category ids of a checkpoint's detector.
 
-A checkpoint stores the experiment config, whose ``data.dataset`` names the data set the
+Checkpoints written by ``vfmkd train`` store them (``names``, ``category_ids``, from the
+validation data set; :func:`checkpoint_classes` reads them). Older checkpoints do not: a
+checkpoint stores the experiment config, whose ``data.dataset`` names the data set the
 detector was trained on; its classes come from there without building the data set: the
 built-in ``shapes`` set's list, a data yaml's ``names``, or a COCO json's ``categories``
 (the validation split's file, the smaller one). When the data set is not on this machine
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from vfmkd.datasets import BUILTIN_SYNTHETIC, DatasetError, resolve_dataset
 from vfmkd.datasets.coco import _load_annotation_file, _read_categories, sibling_json
@@ -20,13 +22,34 @@ from vfmkd.datasets.synthetic import SHAPE_CLASSES
 from vfmkd.datasets.transforms import config_value
 from vfmkd.datasets.yolo import read_data_yaml
 
-__all__ = ["Classes", "dataset_classes"]
+__all__ = ["Classes", "checkpoint_classes", "dataset_classes"]
 
 logger = logging.getLogger(__name__)
 
 #: Class names by label, and the COCO category id of each label.
 Classes = tuple[list[str], list[int]]
 _HINT = "naming them class0, class1, ...; give --config with a data.dataset that is on this machine to name them"
+
+
+def checkpoint_classes(checkpoint: Mapping[str, Any], num_classes: int, data: Any = None) -> Classes:
+    """The classes a checkpoint stores, else those of its (or ``data``'s) data set.
+
+    Args:
+        checkpoint: :func:`~vfmkd.core.checkpoint.load_checkpoint`'s result.
+        num_classes: the detector's classes.
+        data: a ``data`` config section that overrides the checkpoint's (``--config``): its
+            data set names the classes then.
+
+    Returns:
+        ``(names, category_ids)``, ``num_classes`` each.
+    """
+    names = checkpoint.get("names")
+    if data is None and names and len(names) == num_classes:
+        category_ids = checkpoint.get("category_ids") or list(range(1, num_classes + 1))
+        return [str(name) for name in names], [int(value) for value in category_ids]
+    if data is None:
+        data = (checkpoint.get("config") or {}).get("data")
+    return dataset_classes(data, num_classes)
 
 
 def dataset_classes(data: Any, num_classes: int) -> Classes:

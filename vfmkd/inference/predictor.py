@@ -51,7 +51,7 @@ from vfmkd.inference.sources import (
 )
 from vfmkd.inference.writers import coco_results, draw_prediction, save_drawing
 
-__all__ = ["Prediction", "Predictor", "PredictSummary", "predict"]
+__all__ = ["Prediction", "Predictor", "PredictSummary", "letterbox", "predict"]
 
 logger = logging.getLogger(__name__)
 
@@ -116,22 +116,42 @@ class _Item:
 class _ImagesInMemory:
     """Decoded images as a data source of the evaluation transform (``load_raw`` without targets)."""
 
-    def __init__(self, items: Sequence[_Item]) -> None:
-        self.items = items
+    def __init__(self, images: Sequence[np.ndarray], names: Sequence[str]) -> None:
+        self.images = images
+        self.names = names
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.images)
 
     def load_raw(self, index: int) -> dict[str, Any]:
-        item = self.items[index]
         return {
-            "image": item.image,
+            "image": self.images[index],
             "boxes": np.zeros((0, 4), dtype=np.float32),
             "cls": np.zeros((0,), dtype=np.int64),
             "masks": None,
-            "id": item.name,
-            "path": item.name,
+            "id": self.names[index],
+            "path": self.names[index],
         }
+
+
+def letterbox(images: Sequence[np.ndarray], img_size: int, *, names: Sequence[str] | None = None) -> dict[str, Any]:
+    """Images as a predictor feeds them to its engine (an exported encoder graph wants the same).
+
+    Args:
+        images: ``[H, W, 3]`` uint8 RGB arrays.
+        img_size: side of the square input.
+        names: an id per image (default ``image<i>``).
+
+    Returns:
+        The collated batch: ``images`` uint8 ``[B, 3, S, S]`` (aspect kept, content centred,
+        grey 114 padding; divide by 255 for a graph's float input) and ``frames`` (per
+        image a list with its :class:`~vfmkd.geometry.Frame`).
+    """
+    names = list(names) if names is not None else [f"image{index}" for index in range(len(images))]
+    source = _ImagesInMemory(list(images), names)
+    rng = np.random.default_rng(0)  # unused: the letterbox is deterministic
+    transform = EvalTransform(int(img_size))
+    return collate_samples([transform(source, index, rng) for index in range(len(source))])
 
 
 class Predictor:
@@ -167,7 +187,6 @@ class Predictor:
         self.category_ids = list(category_ids) if category_ids is not None else list(range(1, len(self.names) + 1))
         self.options = {"conf_threshold": float(conf), "iou_threshold": float(iou), "max_det": int(max_det)}
         self.batch_size = int(batch_size)
-        self.transform = EvalTransform(self.img_size)
 
     @classmethod
     def from_checkpoint(
@@ -191,7 +210,7 @@ class Predictor:
         """
         from vfmkd.config import load_config
         from vfmkd.core.checkpoint import load_checkpoint, load_model_from_checkpoint
-        from vfmkd.inference.classes import dataset_classes
+        from vfmkd.inference.classes import checkpoint_classes
         from vfmkd.utils.distributed import resolve_device
 
         try:
@@ -201,12 +220,47 @@ class Predictor:
         checkpoint = load_checkpoint(path)
         if isinstance(config, (str, Path)):
             config = load_config(config)
-        data = config_value(config, "data") if config is not None else (checkpoint.get("config") or {}).get("data")
+        given = config_value(config, "data") if config is not None else None
+        data = given if given is not None else (checkpoint.get("config") or {}).get("data")
         model = load_model_from_checkpoint({**checkpoint, "path": str(path)}, target)
         size = int(img_size or config_value(data, "img_size", None) or 640)
         num_classes = _num_classes(model)
-        names, category_ids = dataset_classes(data, num_classes) if num_classes else ([], [])
+        names, category_ids = checkpoint_classes(checkpoint, num_classes, given) if num_classes else ([], [])
         return cls(TorchEngine(model, target), img_size=size, names=names, category_ids=category_ids, **options)
+
+    @classmethod
+    def from_onnx(
+        cls,
+        path: str | Path,
+        *,
+        img_size: int | None = None,
+        providers: Sequence[str] | None = None,
+        **options: Any,
+    ) -> Predictor:
+        """A predictor of an exported detector in onnxruntime (``vfmkd export``'s ``<out>.onnx``).
+
+        Class names, COCO category ids and the input size come from the file's metadata;
+        no checkpoint is needed.
+
+        Args:
+            path: the detector graph.
+            img_size: must be the exported size when given (the graph's input is fixed).
+            providers: onnxruntime execution providers (default: the CPU).
+            **options: ``conf``, ``iou``, ``max_det``, ``batch_size`` (see :class:`Predictor`).
+        """
+        from vfmkd.inference.onnx_engine import OnnxEngine
+
+        engine = OnnxEngine(path, providers=providers)
+        metadata = engine.metadata
+        if img_size is not None and int(img_size) != metadata.input_size:
+            raise PredictError(
+                f"--img-size {img_size}: {path} was exported for {metadata.input_size} px; drop --img-size or re-export"
+            )
+        if metadata.max_det and int(options.get("max_det", 300)) > metadata.max_det:
+            logger.warning("%s keeps at most %d detections per image (vfmkd export --max-det)", path, metadata.max_det)
+        names = metadata.names
+        category_ids = metadata.category_ids or None
+        return cls(engine, img_size=metadata.input_size, names=names, category_ids=category_ids, **options)
 
     # ----------------------------------------------------------------- in memory
     def __call__(
@@ -273,9 +327,7 @@ class Predictor:
 
     def _predict_batch(self, items: Sequence[_Item]) -> list[tuple[_Item, Prediction]]:
         """Preprocess, run the engine, and turn its results into predictions."""
-        source = _ImagesInMemory(items)
-        rng = np.random.default_rng(0)  # unused: the letterbox is deterministic
-        batch = collate_samples([self.transform(source, index, rng) for index in range(len(items))])
+        batch = letterbox([item.image for item in items], self.img_size, names=[item.name for item in items])
         prompts = None
         if items[0].prompts is not None:
             prompts = [_input_prompts(item.prompts, frames[0]) for item, frames in zip(items, batch["frames"])]

@@ -176,6 +176,17 @@ class ViTBackbone(BaseBackbone):
         levels["p3"] = levels["p3"][..., : math.ceil(height / stride), : math.ceil(width / stride)]
         return levels
 
+    def set_input_size(self, img_size: int) -> None:
+        """Make the position table for ``img_size`` (resampled once, bicubic, as timm does on the fly).
+
+        Inputs of that size then use the table as it is, with no resampling in the forward
+        (what an exported graph wants); other sizes still work.
+        """
+        if img_size % PATCH_SIZE:
+            raise ValueError(f"ViT input size must be a multiple of the patch size {PATCH_SIZE}, got {img_size}")
+        self.vit.set_input_size(img_size=(img_size, img_size))
+        self.img_size = img_size
+
     def default_neck_config(self) -> dict[str, Any]:
         """YOLOv8's PAFPN on top of the pyramid: scale ``n``, ``s``, ``m`` for tiny, small, base."""
         return {"type": "yolov8_pafpn", "scale": VIT_SIZES[self.size].neck_scale}

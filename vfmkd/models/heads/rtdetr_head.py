@@ -34,7 +34,7 @@ from vfmkd.models.heads.rtdetr_loss import RTDETRLoss
 from vfmkd.models.heads.yolo_head import boxes_to_original
 from vfmkd.registry import HEADS
 
-__all__ = ["AIFI", "RTDETRHead"]
+__all__ = ["AIFI", "RTDETRHead", "select_top"]
 
 
 def sine_cosine_positions(height: int, width: int, channels: int, temperature: float = 10000.0) -> torch.Tensor:
@@ -207,6 +207,26 @@ class RTDETRHead(BaseHead):
             )
 
     # --------------------------------------------------------------- predict
+    def decode(self, outputs: Mapping[str, Any], max_det: int = 300) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The ``max_det`` best (query, class) pairs of each image, before the score threshold
+        (what an exported graph gives).
+
+        Returns:
+            ``boxes [B, K, 4]`` xyxy input pixels (clipped), ``scores [B, K]`` (decreasing)
+            and ``labels [B, K]`` int64, ``K = min(max_det, queries * classes)``.
+        """
+        predictions = outputs["predictions"].float()
+        height, width = outputs["input_size"]
+        centres = predictions[..., :4] * predictions.new_tensor([width, height, width, height])
+        x1, y1 = (centres[..., :2] - centres[..., 2:] / 2).unbind(-1)
+        x2, y2 = (centres[..., :2] + centres[..., 2:] / 2).unbind(-1)
+        boxes = torch.stack((x1.clamp(0, width), y1.clamp(0, height), x2.clamp(0, width), y2.clamp(0, height)), -1)
+        scores = predictions[..., 4:].flatten(1)
+        best, index = scores.topk(min(max_det, scores.shape[1]), dim=1)
+        query = torch.div(index, self.num_classes, rounding_mode="floor")
+        chosen = boxes.gather(1, query[..., None].expand(-1, -1, 4))
+        return chosen, best, (index % self.num_classes).long()
+
     @torch.no_grad()
     def predict(
         self,
@@ -223,27 +243,42 @@ class RTDETRHead(BaseHead):
             pixels when the batch has frames), ``scores [K]`` and ``labels [K]`` int64,
             sorted by decreasing score.
         """
-        predictions = outputs["predictions"].float()
-        height, width = outputs["input_size"]
-        batch_size, queries = predictions.shape[:2]
-        scale = predictions.new_tensor([width, height, width, height])
-        centres = predictions[..., :4] * scale
-        boxes = torch.cat([centres[..., :2] - centres[..., 2:] / 2, centres[..., :2] + centres[..., 2:] / 2], dim=-1)
-        boxes[..., 0::2] = boxes[..., 0::2].clamp(0, width)
-        boxes[..., 1::2] = boxes[..., 1::2].clamp(0, height)
-        scores = predictions[..., 4:].flatten(1)
-        top = min(max_det, scores.shape[1])
-        best, index = scores.topk(top, dim=1)
-        frames = original_frames(batch, batch_size)
-        results = []
-        for image in range(batch_size):
-            keep = best[image] > conf_threshold
-            query, label = index[image][keep] // self.num_classes, index[image][keep] % self.num_classes
-            result = {"boxes": boxes[image, query], "scores": best[image][keep], "labels": label.long()}
-            if frames is not None:
-                result["boxes"] = boxes_to_original(result["boxes"], frames[image])
-            results.append(result)
-        return results
+        return select_top(*self.decode(outputs, max_det), batch, conf_threshold=conf_threshold)
+
+
+def select_top(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    batch: Mapping[str, Any] | None = None,
+    *,
+    conf_threshold: float = 0.001,
+    max_det: int | None = None,
+) -> list[dict[str, torch.Tensor]]:
+    """Per image, the decoded top pairs (:meth:`RTDETRHead.decode`) above ``conf_threshold``.
+
+    Args:
+        boxes: ``[B, K, 4]`` xyxy input pixels; ``scores [B, K]`` decreasing; ``labels [B, K]``.
+        batch: the collated batch; with ``frames``, boxes in original pixels.
+        conf_threshold: score floor.
+        max_det: most kept per image (None: all K).
+
+    Returns:
+        One dict per image: ``boxes [k, 4]``, ``scores [k]``, ``labels [k]`` int64.
+    """
+    frames = original_frames(batch, boxes.shape[0])
+    results = []
+    for image in range(boxes.shape[0]):
+        keep = scores[image][:max_det] > conf_threshold
+        result = {
+            "boxes": boxes[image][:max_det][keep],
+            "scores": scores[image][:max_det][keep],
+            "labels": labels[image][:max_det][keep].long(),
+        }
+        if frames is not None:
+            result["boxes"] = boxes_to_original(result["boxes"], frames[image])
+        results.append(result)
+    return results
 
 
 def _normalised_targets(targets: Mapping[str, Any], input_size: tuple[int, int]) -> dict[str, torch.Tensor]:

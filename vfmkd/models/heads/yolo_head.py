@@ -22,7 +22,7 @@ from vfmkd.models.heads.yolo_loss import YOLOv8DetectionLoss
 from vfmkd.ops.boxes import batched_nms, distance_to_bbox, make_anchors
 from vfmkd.registry import HEADS
 
-__all__ = ["DistributionIntegral", "YOLOHead", "boxes_to_original"]
+__all__ = ["DistributionIntegral", "YOLOHead", "boxes_to_original", "select_detections"]
 
 
 class DistributionIntegral(nn.Module):
@@ -219,6 +219,30 @@ class YOLOHead(BaseHead):
                 distributions, logits, pred_boxes, anchor_points, stride_tensor, targets, labelled=labelled
             )
 
+    def decode(self, outputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every anchor's box and class probabilities, before any selection (what an exported graph gives).
+
+        Args:
+            outputs: The list returned by :meth:`forward`.
+
+        Returns:
+            ``boxes [B, A, 4]`` xyxy input pixels, clipped to the input, and
+            ``probabilities [B, A, C]`` (sigmoid), float32.
+        """
+        with torch.autocast(device_type=outputs[0].device.type, enabled=False):
+            distributions, logits = self.split_outputs(outputs)
+            anchor_points, stride_tensor = self.anchors(outputs)
+            boxes = self.decode_boxes(distributions, anchor_points) * stride_tensor  # [B, A, 4]
+        input_height = outputs[0].shape[-2] * self.strides[0]
+        input_width = outputs[0].shape[-1] * self.strides[0]
+        # NOTE: clamp per coordinate and stack (no in-place writes), so the decoding traces into ONNX.
+        x1, y1, x2, y2 = boxes.unbind(-1)
+        boxes = torch.stack(
+            (x1.clamp(0, input_width), y1.clamp(0, input_height), x2.clamp(0, input_width), y2.clamp(0, input_height)),
+            dim=-1,
+        )
+        return boxes, logits.sigmoid()
+
     @torch.no_grad()
     def predict(
         self,
@@ -231,63 +255,89 @@ class YOLOHead(BaseHead):
         multi_label: bool = False,
         max_candidates: int = 30000,
     ) -> list[dict[str, torch.Tensor]]:
-        """Decode boxes and apply class-aware non-maximum suppression.
-
-        Args:
-            outputs: The list returned by :meth:`forward`.
-            batch: The collated batch; with its ``frames``, boxes are mapped back to the
-                original images.
-            conf_threshold: Keep boxes whose class probability exceeds this.
-            iou_threshold: NMS IoU threshold, within a class.
-            max_det: Most detections kept per image.
-            multi_label: Let an anchor yield one box per class above the threshold (what
-                YOLOv8's COCO validation does) instead of its best class only.
-            max_candidates: Most boxes per image entering NMS, highest scores first.
+        """Decode boxes and apply class-aware non-maximum suppression (:meth:`decode`, then
+        :func:`select_detections`, whose arguments these are).
 
         Returns:
             One dict per image with ``boxes [K, 4]`` ``xyxy`` (clipped to the image): float32
             input pixels without a batch, float64 original-image pixels (on the CPU) with
             one; ``scores [K]`` and ``labels [K]`` int64, sorted by decreasing score.
         """
-        with torch.autocast(device_type=outputs[0].device.type, enabled=False):
-            distributions, logits = self.split_outputs(outputs)
-            anchor_points, stride_tensor = self.anchors(outputs)
-            boxes = self.decode_boxes(distributions, anchor_points) * stride_tensor  # [B, A, 4]
-        input_height = outputs[0].shape[-2] * self.strides[0]
-        input_width = outputs[0].shape[-1] * self.strides[0]
-        boxes[..., 0::2] = boxes[..., 0::2].clamp(0, input_width)
-        boxes[..., 1::2] = boxes[..., 1::2].clamp(0, input_height)
-        probabilities = logits.sigmoid()
-        batch_size = probabilities.shape[0]
+        boxes, probabilities = self.decode(outputs)
+        return select_detections(
+            boxes,
+            probabilities,
+            batch,
+            conf_threshold=conf_threshold,
+            iou_threshold=iou_threshold,
+            max_det=max_det,
+            multi_label=multi_label,
+            max_candidates=max_candidates,
+        )
 
-        if multi_label:
-            image_index, anchor_index, labels = (probabilities > conf_threshold).nonzero(as_tuple=True)
-            scores = probabilities[image_index, anchor_index, labels]
-        else:
-            best_scores, best_labels = probabilities.max(dim=-1)
-            image_index, anchor_index = (best_scores > conf_threshold).nonzero(as_tuple=True)
-            scores, labels = best_scores[image_index, anchor_index], best_labels[image_index, anchor_index]
-        candidates = (image_index, boxes[image_index, anchor_index], scores, labels)
 
-        candidates = _select(candidates, _top_per_image(image_index, scores, max_candidates))
-        image_index, candidate_boxes, scores, labels = candidates
-        keep = batched_nms(candidate_boxes, scores, image_index * self.num_classes + labels, iou_threshold)
-        keep = keep[_top_per_image(image_index[keep], scores[keep], max_det)]
-        image_index, candidate_boxes, scores, labels = _select(candidates, keep)
+def select_detections(
+    boxes: torch.Tensor,
+    probabilities: torch.Tensor,
+    batch: Mapping[str, Any] | None = None,
+    *,
+    conf_threshold: float = 0.001,
+    iou_threshold: float = 0.7,
+    max_det: int = 300,
+    multi_label: bool = False,
+    max_candidates: int = 30000,
+) -> list[dict[str, torch.Tensor]]:
+    """Detections of decoded anchors: score threshold, class-aware NMS, the best per image.
 
-        # _top_per_image groups detections by image, each group sorted by decreasing score.
-        counts = torch.bincount(image_index, minlength=batch_size).tolist()
-        results = [
-            {"boxes": image_boxes, "scores": image_scores, "labels": image_labels.long()}
-            for image_boxes, image_scores, image_labels in zip(
-                candidate_boxes.split(counts), scores.split(counts), labels.split(counts)
-            )
-        ]
-        frames = original_frames(batch, batch_size)
-        if frames is not None:
-            for result, frame in zip(results, frames):
-                result["boxes"] = boxes_to_original(result["boxes"], frame)
-        return results
+    Shared by :meth:`YOLOHead.predict` and the onnxruntime engine, which runs the exported
+    graph (:meth:`YOLOHead.decode`'s outputs) and selects here.
+
+    Args:
+        boxes: ``[B, A, 4]`` xyxy input pixels.
+        probabilities: ``[B, A, C]`` class probabilities.
+        batch: The collated batch; with its ``frames``, boxes are mapped back to the
+            original images.
+        conf_threshold: Keep boxes whose class probability exceeds this.
+        iou_threshold: NMS IoU threshold, within a class.
+        max_det: Most detections kept per image.
+        multi_label: Let an anchor yield one box per class above the threshold (what
+            YOLOv8's COCO validation does) instead of its best class only.
+        max_candidates: Most boxes per image entering NMS, highest scores first.
+
+    Returns:
+        One dict per image with ``boxes [K, 4]`` ``xyxy``: float32 input pixels without a
+        batch, float64 original-image pixels (on the CPU) with one; ``scores [K]`` and
+        ``labels [K]`` int64, sorted by decreasing score.
+    """
+    batch_size, _, num_classes = probabilities.shape
+    if multi_label:
+        image_index, anchor_index, labels = (probabilities > conf_threshold).nonzero(as_tuple=True)
+        scores = probabilities[image_index, anchor_index, labels]
+    else:
+        best_scores, best_labels = probabilities.max(dim=-1)
+        image_index, anchor_index = (best_scores > conf_threshold).nonzero(as_tuple=True)
+        scores, labels = best_scores[image_index, anchor_index], best_labels[image_index, anchor_index]
+    candidates = (image_index, boxes[image_index, anchor_index], scores, labels)
+
+    candidates = _select(candidates, _top_per_image(image_index, scores, max_candidates))
+    image_index, candidate_boxes, scores, labels = candidates
+    keep = batched_nms(candidate_boxes, scores, image_index * num_classes + labels, iou_threshold)
+    keep = keep[_top_per_image(image_index[keep], scores[keep], max_det)]
+    image_index, candidate_boxes, scores, labels = _select(candidates, keep)
+
+    # _top_per_image groups detections by image, each group sorted by decreasing score.
+    counts = torch.bincount(image_index, minlength=batch_size).tolist()
+    results = [
+        {"boxes": image_boxes, "scores": image_scores, "labels": image_labels.long()}
+        for image_boxes, image_scores, image_labels in zip(
+            candidate_boxes.split(counts), scores.split(counts), labels.split(counts)
+        )
+    ]
+    frames = original_frames(batch, batch_size)
+    if frames is not None:
+        for result, frame in zip(results, frames):
+            result["boxes"] = boxes_to_original(result["boxes"], frame)
+    return results
 
 
 def boxes_to_original(boxes: torch.Tensor, frame: Any) -> torch.Tensor:
