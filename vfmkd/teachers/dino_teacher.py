@@ -223,7 +223,9 @@ class DinoTeacher(BaseTeacher):
                 f"{self.name}: expected an RGB uint8 image [H, W, 3], got dtype {image.dtype} shape {image.shape}"
             )
         height, width = image.shape[:2]
-        pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].to(torch.float32) / 255.0
+        # NOTE: a writable copy only when needed (store and cache arrays are read-only).
+        writable = np.require(image, requirements=["C", "W"])
+        pixels = torch.from_numpy(writable).permute(2, 0, 1)[None].to(torch.float32) / 255.0
         return self._resize_normalise(pixels)[0].contiguous(), self.frame_for((height, width))
 
     def preprocess_tensor(self, images: torch.Tensor) -> tuple[torch.Tensor, list[Frame]]:
