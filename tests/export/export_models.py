@@ -37,6 +37,7 @@ HEADS: dict[str, dict[str, Any]] = {
     "yolo": {"type": "yolo_head", "num_classes": NUM_CLASSES},
     "detr": {"type": "rtdetr_head", "num_classes": NUM_CLASSES, **RTDETRHead.small_config()},
     "sam2": {"type": "sam_mask_head", "decoder": "sam2", **SAMMaskHead.small_config()},
+    "sam": {"type": "sam_mask_head", "decoder": "sam", **SAMMaskHead.small_config()},
 }
 
 

@@ -1,8 +1,8 @@
 """Promptable segmentation as two graphs (image encoder once, prompt decoder per prompt set)
 against the PyTorch mask head through the predictor.
 
-A YOLOv8n student with a detector and a small SAM 2 mask head, exported from its
-checkpoint (three files); on non-square images, box prompts and point prompts (one and
+A YOLOv8n student with a detector and a small SAM 2 (or SAM) mask head, exported from
+its checkpoint (three files); on non-square images, box prompts and point prompts (one and
 two points, padded) in original pixels: masks IoU >= 0.99 and predicted IoUs within 1e-3
 of ``Predictor(prompts=...)``. A previous mask fed back (``has_mask_input``) changes the
 answer as the PyTorch head's ``mask_input`` does.
@@ -23,10 +23,10 @@ from vfmkd.inference.onnx_engine import read_metadata
 IMAGES = {"wide": (40, 100), "tall": (90, 36)}
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory):
+@pytest.fixture(scope="module", params=["sam2", "sam"])
+def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
     folder = tmp_path_factory.mktemp("segmenter")
-    checkpoint = write_checkpoint(folder / "best.pt", student(heads=("yolo", "sam2")))
+    checkpoint = write_checkpoint(folder / "best.pt", student(heads=("yolo", request.param)))
     summary = export_checkpoint(checkpoint)
     return checkpoint, summary
 
@@ -70,7 +70,7 @@ def test_the_two_graphs_answer_prompts_as_the_mask_head(exported) -> None:
     assert [file.graph for file in summary.files] == ["detector", "image_encoder", "prompt_decoder"]
     encoder_path, decoder_path = summary.files[1].path, summary.files[2].path
     assert encoder_path.name == "best_encoder.onnx" and decoder_path.name == "best_decoder.onnx"
-    assert read_metadata(decoder_path).extra["decoder"] == "sam2"
+    family = read_metadata(decoder_path).extra["decoder"]
     size = read_metadata(encoder_path).input_size
     encoder = ort.InferenceSession(str(encoder_path), providers=["CPUExecutionProvider"])
     decoder = ort.InferenceSession(str(decoder_path), providers=["CPUExecutionProvider"])
@@ -86,8 +86,11 @@ def test_the_two_graphs_answer_prompts_as_the_mask_head(exported) -> None:
         by_boxes = _decode(decoder, maps, corners, [[2, 3]] * len(corners), (height, width), size)
         # NOTE: the one-point prompt padded with a -1 point, as the prompts file's points are.
         (one, _), ((first, _), (second, _)) = prompts["points"]
-        points = [[one, [0.0, 0.0]], [first, second]]
-        by_points = _decode(decoder, maps, points, [[1, -1], [1, 0]], (height, width), size)
+        points, labels = [[one, [0.0, 0.0]], [first, second]], [[1, -1], [1, 0]]
+        if family == "sam":
+            # NOTE: SAM's convention: the caller ends a prompt without a box with a padding point.
+            points, labels = [[*row, [0.0, 0.0]] for row in points], [[*row, -1] for row in labels]
+        by_points = _decode(decoder, maps, points, labels, (height, width), size)
         masks = np.concatenate([by_boxes[0][:, 0], by_points[0][:, 0]]) > 0
         scores = np.concatenate([by_boxes[1][:, 0], by_points[1][:, 0]])
         assert masks.shape == expected.masks.shape == (4, height, width)
@@ -106,9 +109,11 @@ def test_a_previous_mask_is_fed_back_as_in_the_head(exported) -> None:
     batch = letterbox([image], size)
     names = [output.name for output in encoder.get_outputs()]
     maps = dict(zip(names, encoder.run(None, {"images": batch["images"].float().div(255).numpy()})))
-    coords = [[[30.0, 20.0]]]
-    first = _decode(decoder, maps, coords, [[1]], (40, 100), size)
-    again = _decode(decoder, maps, coords, [[1]], (40, 100), size, mask_input=first[2])
+    coords, labels = [[[30.0, 20.0]]], [[1]]
+    if read_metadata(decoder_path).extra["decoder"] == "sam":
+        coords, labels = [[[30.0, 20.0], [0.0, 0.0]]], [[1, -1]]
+    first = _decode(decoder, maps, coords, labels, (40, 100), size)
+    again = _decode(decoder, maps, coords, labels, (40, 100), size, mask_input=first[2])
     model = Predictor.from_checkpoint(checkpoint, device="cpu").engine.model
     head = model.heads["segmentation"]
     frame = batch["frames"][0][0]

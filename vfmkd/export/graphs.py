@@ -117,6 +117,10 @@ class DetectorGraph(nn.Module):
             return ["boxes", "scores", "labels"]
         return ["boxes", "scores"]
 
+    def parameter_count(self) -> int:
+        """Parameters of the backbone, the neck and the head."""
+        return sum(parameter.numel() for parameter in self.parameters())
+
     def forward(self, images: torch.Tensor, *thresholds: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """See the module doc for each head's outputs."""
         outputs = self.head(self.neck(self.backbone(images)))

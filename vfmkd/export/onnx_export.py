@@ -76,7 +76,7 @@ class ExportedFile:
         outputs: output names and shapes.
         check: per output, the largest absolute difference between onnxruntime and the
             PyTorch student on the check input.
-        parameters: the deployed graph's parameters.
+        parameters: parameters of the deployed modules the graph runs.
     """
 
     path: Path
@@ -289,7 +289,8 @@ def _export_segmenter(
     )
     head = deployed.heads[head_name]
     extra = {"decoder": head.decoder_type}
-    _write_metadata(encoder_path, OnnxMetadata(ENCODER_GRAPH, "sam_mask_head", size, extra=extra), context)
+    encoder_metadata = OnnxMetadata(ENCODER_GRAPH, "sam_mask_head", size, extra=extra)
+    _write_metadata(encoder_path, encoder_metadata, context)
     encoder.check = _check(encoder_path, encoders[1], (images,), ["images"])
 
     decoders = [PromptDecoderGraph(network.heads[head_name], size) for network in (deployed, reference)]
@@ -308,7 +309,8 @@ def _export_segmenter(
     decoder = _export_graph(
         decoders[0], inputs, decoder_path, decoder_axes, context, "the prompt decoder", DECODER_GRAPH
     )
-    _write_metadata(decoder_path, OnnxMetadata(DECODER_GRAPH, "sam_mask_head", size, extra=extra), context)
+    decoder_metadata = OnnxMetadata(DECODER_GRAPH, "sam_mask_head", size, extra=extra)
+    _write_metadata(decoder_path, decoder_metadata, context)
     decoder.check = _check(decoder_path, decoders[1], inputs, decoders[0].input_names)
     return [encoder, decoder]
 
@@ -348,7 +350,7 @@ def _export_graph(
         graph=graph,
         inputs=[_describe(name, value, dynamic_axes, batch) for name, value in zip(input_names, inputs)],
         outputs=list(output_names),
-        parameters=sum(parameter.numel() for parameter in module.parameters()),
+        parameters=module.parameter_count(),
     )
 
 

@@ -64,6 +64,12 @@ class ImageEncoderGraph(nn.Module):
     def output_names(self) -> list[str]:
         return [_MAP_INPUT_NAMES[name] for name in self.map_names]
 
+    def parameter_count(self) -> int:
+        """Parameters the graph runs (the head's prompt encoder and decoder belong to the decoder graph)."""
+        parts = (self.head.prompt_encoder, self.head.mask_decoder)
+        decoder = {id(parameter) for part in parts for parameter in part.parameters()}
+        return sum(parameter.numel() for parameter in self.parameters() if id(parameter) not in decoder)
+
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         outputs = self.head(self.neck(self.backbone(images)))
         return tuple(outputs[name] for name in self.map_names)
@@ -97,6 +103,10 @@ class PromptDecoderGraph(nn.Module):
     @property
     def output_names(self) -> list[str]:
         return ["masks", "iou_predictions", "low_res_masks"]
+
+    def parameter_count(self) -> int:
+        """Parameters of the prompt encoder and mask decoder."""
+        return sum(parameter.numel() for parameter in self.parameters())
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         maps = dict(zip(self.map_names, inputs[: len(self.map_names)]))
