@@ -3,13 +3,16 @@
 For every distillation term, over the valid cells of the validation images: the mean
 cosine similarity between the aligned student and teacher vectors, and the normalised
 MSE ``sum((s - t)^2) / sum(t^2)``. Teacher maps come from ``val_feature_path`` when the
-teacher has one, else from a live pass; a teacher that is all offline and has no
-validation store is skipped (its weights are never loaded just to evaluate).
+teacher has one; else from the training store for the validation images it holds (the
+same image under the same id: COCO128 validates on its training images), live for the
+rest; a teacher that is all offline and has no validation store is skipped (its weights
+are never loaded just to evaluate).
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -64,7 +67,24 @@ class FidelityEvaluator(Evaluator):
         """Samples carry the validation stores' records of the teachers that have one."""
         if not self.terms and not self.plans:
             return dataset, collate_fn
-        return DistillationDataset(dataset, self.plans), TeacherFeatureCollate(collate_fn)
+        plans = [*self.plans, *self._training_store_plans(dataset)]
+        return DistillationDataset(dataset, plans), TeacherFeatureCollate(collate_fn)
+
+    def _training_store_plans(self, dataset: Dataset) -> list[OfflinePlan]:
+        """Training stores of the live-capable teachers without a validation store, limited to
+        the validation images they hold (same id and same file)."""
+        plans = []
+        served = {plan.teacher for plan in self.plans}
+        for key, plan in self.runtime.teacher_plans.items():
+            if key in served or plan.store is None or plan.offline_ratio >= 1.0 or len(plan.store) == 0:
+                continue
+            same = images_in_store(dataset, plan.store)
+            if same:
+                features = tuple(sorted(self.runtime.features_of(key)))
+                plans.append(OfflinePlan(key, str(plan.store.path), features, 1.0, only_ids=frozenset(same)))
+                logger.info("feature fidelity of %s: %d of %d validation images from its training store",
+                            key, len(same), len(dataset))
+        return plans
 
     def reset(self, model: torch.nn.Module) -> None:
         """Measure through ``model.distiller`` (the evaluated copy's adapters) when it has one."""
@@ -99,3 +119,21 @@ class FidelityEvaluator(Evaluator):
                 results[f"{base}/cosine"] = cosine_sum / count
                 results[f"{base}/nmse"] = error / max(energy, 1e-12)
         return results
+
+
+def images_in_store(dataset: Dataset, store: Any) -> set[str]:
+    """Ids of ``dataset``'s images that ``store`` holds: same id and same file in the split
+    the store was extracted from (ids alone may name other images in another split)."""
+    from vfmkd.datasets import build_dataset
+
+    records = getattr(dataset, "records", None)
+    source, split = store.manifest.get("data_resolved"), store.manifest.get("split")
+    if not records or not source or not split:
+        return set()
+    try:
+        extracted = build_dataset({"dataset": source, "img_size": 64}, split, train=False)
+    except Exception as error:  # noqa: BLE001 - the data may have moved; fidelity then runs live
+        logger.debug("training store's data %s (%s) unreadable: %s", source, split, error)
+        return set()
+    paths = {record.id: Path(record.path).resolve() for record in getattr(extracted, "records", [])}
+    return {record.id for record in records if record.id in store and paths.get(record.id) == Path(record.path).resolve()}

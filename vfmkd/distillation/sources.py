@@ -41,6 +41,8 @@ class OfflinePlan:
         write_back: the teacher's CPU preprocessing (``image [H, W, 3] uint8 -> (pixels
             [3, S, S], frame)``) when samples missing from the store are written back;
             None otherwise.
+        only_ids: read only these sample ids from the store (the others go live); None:
+            every id the store holds.
     """
 
     teacher: str
@@ -48,6 +50,7 @@ class OfflinePlan:
     features: tuple[str, ...]
     offline_ratio: float
     write_back: Callable[[np.ndarray], tuple[torch.Tensor, Frame]] | None = None
+    only_ids: frozenset[str] | None = None
 
 
 class DistillationDataset(Dataset):
@@ -129,7 +132,10 @@ class DistillationDataset(Dataset):
             # all offline draws nothing (evaluation must not move the training generators).
             use_store = plan.offline_ratio >= 1.0 or (plan.offline_ratio > 0.0 and random.random() < plan.offline_ratio)
             store = self._store(plan)
-            if not use_store or any(source_id not in store for source_id in source_ids):
+            allowed = plan.only_ids
+            if not use_store or any(
+                source_id not in store or (allowed is not None and source_id not in allowed) for source_id in source_ids
+            ):
                 offline[plan.teacher] = None
                 continue
             # NOTE: maps travel as the store's float16 (copied straight from the memory
