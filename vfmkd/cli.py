@@ -13,6 +13,7 @@ Sub-commands::
     vfmkd predict --checkpoint CKPT --source PATH [--out DIR] [--prompts FILE] [--conf C] ...
     vfmkd predict --engine onnxruntime --model FILE.onnx --source PATH [--out DIR] ...
     vfmkd export --checkpoint CKPT --format onnx [--img-size N] [--dynamic] [--opset N] [--out FILE] [--nms]
+    vfmkd report RUN_DIR [--out FILE.html] [--images N] [--device D] [--conf C]
     vfmkd demo [--out DIR]
 """
 
@@ -69,10 +70,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def run_training(config, *, resume: bool = False) -> int:
-    """Train from a validated config and print where the run is."""
-    from vfmkd.core.build import build_trainer
+    """Train from a validated config and print where the run is.
 
-    result = build_trainer(config, resume=resume).train()
+    The report's pictures go to TensorBoard after each evaluation
+    (``eval.tensorboard_images``).
+    """
+    from vfmkd.core.build import build_trainer
+    from vfmkd.report.hooks import TensorBoardPictures
+
+    count = config.eval.tensorboard_images
+    result = build_trainer(config, resume=resume, hooks=[TensorBoardPictures(count)] if count else []).train()
     if result.get("is_main", True):
         _print_result(result)
     return 0
@@ -295,7 +302,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     for key, teacher in config.teachers.items():
         if teacher.enabled and teacher.offline and teacher.feature_path:
             prepare_teacher_store(key, config, args.config)
-    return run_training(config)
+    run_training(config)
+    from vfmkd.report import write_report
+
+    _say(f"report: {write_report(config.run_dir, device=config.train.device)}")
+    return 0
 
 
 def prepare_teacher_store(key: str, config: Any, config_file: str) -> None:
@@ -364,10 +375,12 @@ def build_parser() -> argparse.ArgumentParser:
     from vfmkd.teachers.cli import add_weights_commands
 
     from vfmkd.export.cli import add_export_command
+    from vfmkd.report.cli import add_report_command
 
     add_weights_commands(commands)
     add_features_commands(commands)
     add_export_command(commands)
+    add_report_command(commands)
 
     demo = commands.add_parser("demo", help="the whole flow on the built-in data set")
     demo.add_argument("--config", default=DEMO_CONFIG)

@@ -233,6 +233,9 @@ class EvalConfig(_Strict):
     iou_threshold: float = Field(default=0.7, gt=0.0, le=1.0)
     max_det: int = Field(default=300, ge=1)
     batch_size: int | None = Field(default=None, ge=1)
+    # Validation images drawn to TensorBoard after each evaluation (feature maps, predictions) by
+    # `vfmkd train` / `vfmkd demo` (the hook vfmkd.report.TensorBoardPictures); 0: none.
+    tensorboard_images: int = Field(default=2, ge=0)
 
 
 class ExperimentConfig(_Strict):

@@ -173,6 +173,17 @@ class MetricLogger:
             for tag, value in _flatten_scalars(metrics).items():
                 self._writer.add_scalar(f"{kind}/{tag}", value, global_step=step)
 
+    def log_image(self, tag: str, image: Any, *, step: int) -> None:
+        """Add a picture (``[H, W, 3]`` uint8 RGB) to TensorBoard; a no-op without TensorBoard.
+
+        Args:
+            tag: its name, e.g. ``predictions/0`` (under ``images/``).
+            image: the picture.
+            step: global optimizer step.
+        """
+        if self.enabled and self._writer is not None:
+            self._writer.add_image(f"images/{tag}", image, global_step=step, dataformats="HWC")
+
     def close(self) -> None:
         """Flush and close the files (safe to call twice)."""
         if self._file is not None:
