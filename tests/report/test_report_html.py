@@ -47,7 +47,7 @@ def chromium() -> str:
 def _browse(chromium: str, report: Path, profile: Path, *arguments: str) -> str:
     """Run headless Chromium on the report (no network needed: the page has no URL); its stdout."""
     command = [
-        chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
+        chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars", "--no-first-run",
         f"--user-data-dir={profile}", f"--window-size={WINDOW[0]},{WINDOW[1]}", *arguments, report.as_uri(),
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=180)
@@ -55,6 +55,7 @@ def _browse(chromium: str, report: Path, profile: Path, *arguments: str) -> str:
     return done.stdout
 
 
+@pytest.mark.slow  # the tiny run: about 5 s
 def test_the_demo_writes_a_self_contained_report_and_prints_its_path(tiny_run):
     assert tiny_run.report == tiny_run.run_dir / "report.html" and tiny_run.report.is_file()
     text = tiny_run.report.read_text(encoding="utf-8")
@@ -72,6 +73,7 @@ def test_the_demo_writes_a_self_contained_report_and_prints_its_path(tiny_run):
     assert "probe.embed 8x8x8 s16" in text  # the alignment table
 
 
+@pytest.mark.slow  # the tiny run and two Chromium starts
 def test_chromium_shows_every_section_and_the_pictures(chromium, tiny_run, tmp_path):
     dom = _browse(chromium, tiny_run.report, tmp_path / "dom", "--dump-dom")
     positions = [dom.find(f'id="{section}"') for section in SECTION_IDS]
@@ -114,6 +116,7 @@ def _shown_at(page: np.ndarray, picture: np.ndarray, tolerance: int = 2) -> tupl
     return None
 
 
+@pytest.mark.slow  # the tiny run: about 5 s
 def test_tensorboard_gets_the_pictures_at_each_evaluation(tiny_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import pytest
 import torch
 
 from tests.report.conftest import tiny_config
@@ -27,6 +28,7 @@ def _train(tmp_path, data_yaml, name: str, hooks: list) -> tuple[dict[str, torch
     return {key: value.clone() for key, value in trainer.model.state_dict().items()}, generators
 
 
+@pytest.mark.slow  # two tiny runs
 def test_pictures_do_not_change_the_run(tmp_path, synthetic_data_yaml):
     drawn, drawn_generators = _train(tmp_path, synthetic_data_yaml, "drawn", [TensorBoardPictures(2)])
     plain, plain_generators = _train(tmp_path, synthetic_data_yaml, "plain", [])

@@ -23,7 +23,14 @@ from PIL import Image
 
 from vfmkd.report.curves import eval_figure, loss_figure, optimisation_figure
 from vfmkd.report.page import Picture, ReportContent, render_html
-from vfmkd.report.pictures import FEATURE_COLUMNS, PREDICTION_COLUMNS, FeaturePicture, PredictionPicture
+from vfmkd.report.pictures import (
+    FEATURE_COLUMNS,
+    PREDICTION_COLUMNS,
+    FeaturePicture,
+    PredictionPicture,
+    feature_pictures,
+    prediction_pictures,
+)
 from vfmkd.report.run_files import RunFiles, per_class_rows, random_teachers, read_run, summary_rows
 
 __all__ = ["write_report"]
@@ -152,6 +159,7 @@ def _student_part(run: RunFiles, images: int, device: str, conf: float, notes: l
     from vfmkd.datasets import build_dataset
     from vfmkd.distillation.distiller import DistilledModel
     from vfmkd.distillation.plan import alignment_table
+    from vfmkd.errors import UserError
     from vfmkd.utils.distributed import resolve_device
 
     part = _StudentPart(checkpoint=run.checkpoint)
@@ -169,13 +177,15 @@ def _student_part(run: RunFiles, images: int, device: str, conf: float, notes: l
     distiller = _distiller(config, checkpoint, student, notes)
     if distiller is not None and distiller.terms:
         part.alignment = alignment_table(distiller.terms, distiller.teachers.teacher_plans, config.data.img_size)
-    dataset = build_dataset(config.data, config.data.val_split, train=False)
+    try:
+        dataset = build_dataset(config.data, config.data.val_split, train=False)
+    except (UserError, FileNotFoundError) as error:
+        notes.append(f"no pictures: the validation split '{config.data.val_split}' cannot be read here ({error})")
+        return part
     indices = list(range(min(images, len(dataset))))
     if distiller is not None:
         part.features = _features(DistilledModel(student, distiller.to(target)), dataset, indices, target, notes)
     options = {"conf": conf, "iou": config.eval.iou_threshold, "max_det": min(config.eval.max_det, 100)}
-    from vfmkd.report.pictures import prediction_pictures
-
     part.predictions = prediction_pictures(
         student, dataset, indices, device=target, img_size=config.data.img_size, **options
     )
@@ -203,7 +213,6 @@ def _distiller(config: Any, checkpoint: dict, student: Any, notes: list[str]) ->
 
 def _features(model: Any, dataset: Any, indices: list[int], device: Any, notes: list[str]) -> list[FeaturePicture]:
     from vfmkd.distillation.fidelity import FidelityEvaluator
-    from vfmkd.report.pictures import feature_pictures
 
     fidelity = FidelityEvaluator(model.distiller)
     measured = {term.name for term in fidelity.terms}

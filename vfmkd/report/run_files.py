@@ -222,7 +222,7 @@ def summary_rows(run: RunFiles) -> list[tuple[str, str]]:
     train = config.get("train") or {}
     train_records = run.of_kind("train")
     steps = max((int(record.get("step", 0)) for record in train_records), default=0)
-    planned = train.get("max_steps") or f"{train.get('epochs', '?')} epochs"
+    planned = f"of {train['max_steps']}" if train.get("max_steps") else f"({train.get('epochs', '?')} epochs planned)"
     rows = [
         ("experiment", str(config.get("experiment_name", run.run_dir.name))),
         ("run directory", str(run.run_dir)),
@@ -230,7 +230,7 @@ def summary_rows(run: RunFiles) -> list[tuple[str, str]]:
         ("teachers", _describe_teachers(config)),
         ("data", f"{data.get('dataset', '?')} ({data.get('train_split', 'train')} / {data.get('val_split', 'val')}), "
                  f"{data.get('img_size', '?')} px, batch {data.get('batch_size', '?')}"),
-        ("steps", f"{steps} of {planned}"),
+        ("steps", f"{steps} {planned}"),
     ]
     if run.log_times is not None:
         rows.append(("wall time", _duration((run.log_times[1] - run.log_times[0]).total_seconds()) + " (train.log)"))
