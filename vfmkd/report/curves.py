@@ -28,7 +28,9 @@ _PANEL_SIZE = (4.2, 2.6)  # inches
 _DPI = 90
 
 
-def series(records: Sequence[Mapping[str, Any]], kind: str, names: Sequence[str] | None = None) -> dict[str, tuple[list[int], list[float]]]:
+def series(
+    records: Sequence[Mapping[str, Any]], kind: str, names: Sequence[str] | None = None
+) -> dict[str, tuple[list[int], list[float]]]:
     """Per field of the records of one ``kind``: its steps and values (finite numbers only).
 
     Args:
@@ -79,7 +81,9 @@ def _figure(panels: Mapping[str, tuple[list[int], list[float]]], *, log_scale: S
 
 def loss_figure(records: Sequence[Mapping[str, Any]]) -> bytes | None:
     """One panel per loss term (``loss/...``), total first; None without training records."""
-    names = sorted({name for record in records if record.get("kind") == "train" for name in record if name.startswith("loss/")})
+    names = sorted(
+        {name for record in records if record.get("kind") == "train" for name in record if name.startswith("loss/")}
+    )
     names.sort(key=lambda name: (name != "loss/total", not name.startswith("loss/distill"), name))
     panels = {name[len("loss/"):]: values for name, values in series(records, "train", names).items()}
     return _figure(panels, log_scale=list(panels))
