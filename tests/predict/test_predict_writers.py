@@ -9,6 +9,7 @@ from tests.predict.predict_models import rle_masks
 from vfmkd.inference import Prediction
 from vfmkd.inference.engine import mask_boxes
 from vfmkd.inference.writers import coco_results, draw_prediction
+from vfmkd.utils import visualization
 
 
 def _prediction(labels: list[int]) -> Prediction:
@@ -48,3 +49,20 @@ def test_mask_boxes_are_tight_pixel_edge_boxes() -> None:
     masks = torch.from_numpy(_prediction([0, 1]).masks)
     masks = torch.cat([masks, torch.zeros(1, 30, 50, dtype=torch.bool)])
     np.testing.assert_array_equal(mask_boxes(masks).numpy(), [[10, 5, 20, 15], [30, 20, 45, 25], [0, 0, 0, 0]])
+
+
+def test_ground_truth_is_drawn_without_scores() -> None:
+    image = np.full((80, 120, 3), 100, dtype=np.uint8)
+    truth = Prediction(
+        boxes=np.array([[10.0, 40.0, 60.0, 70.0]]),
+        scores=np.ones(1, dtype=np.float32),
+        labels=np.array([0]),
+        names=["cat"],
+        masks=None,
+        image_size=(80, 120),
+        name="truth",
+    )
+    with_scores = (np.asarray(draw_prediction(image, truth)) != 100).any(axis=-1)
+    names_only = (np.asarray(draw_prediction(image, truth, show_scores=False)) != 100).any(axis=-1)
+    assert names_only.sum() < with_scores.sum() and (names_only <= with_scores).all()  # "cat" but no "1.00"
+    assert draw_prediction is visualization.draw_prediction  # the old import path still works

@@ -1,7 +1,8 @@
 """What ``vfmkd predict`` writes: each image with its predictions drawn, and COCO results.
 
-Drawing: every mask as a semi-transparent overlay in its row's colour, every box as an
-outline with ``<class> <score>`` above it (PIL ``ImageDraw``), at the image's original size.
+Drawing (:mod:`vfmkd.utils.visualization`, whose names are re-exported here): every mask
+as a semi-transparent overlay in its row's colour, every box as an outline with
+``<class> <score>`` above it (PIL ``ImageDraw``), at the image's original size.
 
 COCO results (``predictions.json``): one entry per row of every image, ``image_id`` (the
 image's position in the source, from 0), ``file_name``, ``category_id`` (the data set's
@@ -17,61 +18,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
+
+from vfmkd.utils.visualization import MASK_ALPHA, PALETTE, draw_prediction, overlay_masks
 
 if TYPE_CHECKING:
     from vfmkd.inference.predictor import Prediction
 
-__all__ = ["MASK_ALPHA", "coco_results", "draw_prediction", "save_drawing"]
+__all__ = ["MASK_ALPHA", "PALETTE", "coco_results", "draw_prediction", "overlay_masks", "save_drawing"]
 
-#: Opacity of the mask overlay.
-MASK_ALPHA = 0.45
 #: Suffixes the drawn copy keeps; other images are written as PNG.
 KEPT_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
-# Distinct colours (RGB), one per class (or per prompt), cycled.
-PALETTE = (
-    (255, 56, 56), (255, 157, 151), (255, 112, 31), (255, 178, 29), (207, 210, 49), (72, 249, 10),
-    (146, 204, 23), (61, 219, 134), (26, 147, 52), (0, 212, 187), (44, 153, 168), (0, 194, 255),
-    (52, 69, 147), (100, 115, 255), (0, 24, 236), (132, 56, 255), (82, 0, 133), (203, 56, 255),
-    (255, 149, 200), (255, 55, 199),
-)  # fmt: skip
-
-
-def _colour(prediction: Prediction, row: int) -> tuple[int, int, int]:
-    label = int(prediction.labels[row])
-    return PALETTE[(row if label < 0 else label) % len(PALETTE)]
-
-
-def draw_prediction(image: np.ndarray, prediction: Prediction) -> Image.Image:
-    """The image with the prediction's masks, boxes, class names and scores drawn.
-
-    Args:
-        image: ``[H, W, 3]`` uint8 RGB, the original image.
-        prediction: its prediction (original pixels).
-
-    Returns:
-        An RGB image of the original size.
-    """
-    canvas = image.astype(np.float32)
-    if prediction.masks is not None:
-        for row, mask in enumerate(prediction.masks):
-            colour = np.asarray(_colour(prediction, row), dtype=np.float32)
-            canvas[mask] = canvas[mask] * (1.0 - MASK_ALPHA) + colour * MASK_ALPHA
-    drawing = Image.fromarray(np.clip(canvas + 0.5, 0, 255).astype(np.uint8), "RGB")
-    draw = ImageDraw.Draw(drawing)
-    width = max(1, round(max(drawing.size) / 320))
-    for row, (box, score, name) in enumerate(zip(prediction.boxes, prediction.scores, prediction.names)):
-        if not np.any(box):
-            continue  # an empty mask's box
-        colour = _colour(prediction, row)
-        x1, y1, x2, y2 = (float(value) for value in box)
-        draw.rectangle((x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)), outline=colour, width=width)
-        text = f"{name} {float(score):.2f}"
-        left, top, right, bottom = draw.textbbox((0, 0), text)
-        text_y = y1 - (bottom - top) - 2 if y1 >= bottom - top + 2 else y1
-        draw.rectangle((x1, text_y, x1 + right - left + 2, text_y + bottom - top + 2), fill=colour)
-        draw.text((x1 + 1, text_y - top + 1), text, fill=(255, 255, 255))
-    return drawing
 
 
 def save_drawing(drawing: Image.Image, out_dir: Path, name: str) -> Path:

@@ -243,14 +243,13 @@ def _class_names(student: nn.Module, dataset: Any) -> list[str]:
 
 def _prediction_picture(raw: Mapping[str, Any], prediction: Any, names: Sequence[str]) -> PredictionPicture:
     from vfmkd.inference import Prediction
-    from vfmkd.inference.writers import draw_prediction
+    from vfmkd.utils.visualization import draw_prediction
 
     image = raw["image"]
     labels = np.asarray(raw["cls"], dtype=np.int64).reshape(-1)
     masks = raw.get("masks")
     truth = Prediction(
         boxes=np.asarray(raw["boxes"], dtype=np.float64).reshape(-1, 4),
-        # NOTE: the drawing writes a score beside each name; ground truth is certain.
         scores=np.ones(len(labels), dtype=np.float32),
         labels=labels,
         names=[names[label] if 0 <= label < len(names) else str(label) for label in labels],
@@ -260,7 +259,7 @@ def _prediction_picture(raw: Mapping[str, Any], prediction: Any, names: Sequence
     )
     return PredictionPicture(
         image_id=str(raw.get("id", "")),
-        truth=np.asarray(draw_prediction(image, truth)),
+        truth=np.asarray(draw_prediction(image, truth, show_scores=False)),
         predicted=np.asarray(draw_prediction(image, prediction)),
         detections=len(prediction.boxes),
     )
