@@ -11,7 +11,7 @@ Sub-commands::
     vfmkd train --config CFG [--set key=value ...] [--resume]
     vfmkd eval --config CFG --checkpoint CKPT [--set key=value ...]
     vfmkd predict --checkpoint CKPT --source PATH [--out DIR] [--prompts FILE] [--conf C] ...
-    vfmkd predict --engine onnxruntime --model FILE.onnx --source PATH [--out DIR] ...
+    vfmkd predict --engine onnxruntime --model FILE.onnx [--segmenter STEM] --source PATH [--out DIR] ...
     vfmkd export --checkpoint CKPT --format onnx [--img-size N] [--dynamic] [--opset N] [--out FILE] [--nms]
     vfmkd report RUN_DIR [--out FILE.html] [--images N] [--device D] [--conf C]
     vfmkd demo [--out DIR]
@@ -248,11 +248,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             )
         # NOTE: --device cuda asks onnxruntime for its CUDA provider (the CPU one stays the fallback).
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if args.device.startswith("cuda") else None
-        predictor = Predictor.from_onnx(args.model, providers=providers, **options)
+        predictor = Predictor.from_onnx(args.model, segmenter=args.segmenter, providers=providers, **options)
     else:
-        if args.checkpoint is None or args.model is not None:
+        if args.checkpoint is None or args.model is not None or args.segmenter is not None:
             raise PredictError(
-                "--engine torch runs a checkpoint: give --checkpoint CKPT (--model is for --engine onnxruntime)"
+                "--engine torch runs a checkpoint: give --checkpoint CKPT "
+                "(--model and --segmenter are for --engine onnxruntime)"
             )
         predictor = Predictor.from_checkpoint(args.checkpoint, config=args.config, device=args.device, **options)
     summary = predictor.predict_source(
@@ -274,9 +275,16 @@ def _add_predict_command(commands: Any) -> None:
     predict.add_argument("--checkpoint", help="a training checkpoint (best.pt, last.pt); --engine torch")
     predict.add_argument(
         "--engine", choices=("torch", "onnxruntime"), default="torch", help="torch (a checkpoint, the default) or "
-        "onnxruntime (an exported detector, --model)"
+        "onnxruntime (an exported model, --model)"
     )
-    predict.add_argument("--model", help="the detector graph of vfmkd export (FILE.onnx); --engine onnxruntime")
+    predict.add_argument(
+        "--model", help="vfmkd export's detector graph (STEM.onnx; without a detection head STEM_encoder.onnx); "
+        "STEM_encoder.onnx and STEM_decoder.onnx beside it give masks; --engine onnxruntime"
+    )
+    predict.add_argument(
+        "--segmenter", help="the segmenter's files when not beside --model: either file or their STEM; "
+        "--engine onnxruntime"
+    )
     predict.add_argument("--config", help="experiment YAML naming the classes and size (default: the checkpoint's)")
     predict.add_argument("--source", required=True, help="an image, a folder, a quoted glob or a .txt list of paths")
     predict.add_argument(

@@ -10,6 +10,8 @@ answer as the PyTorch head's ``mask_input`` does.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -125,3 +127,57 @@ def test_a_previous_mask_is_fed_back_as_in_the_head(exported) -> None:
     np.testing.assert_allclose(again[2], low_res.numpy(), atol=1e-3)
     np.testing.assert_allclose(again[1], iou.numpy(), atol=1e-3)
     assert np.abs(again[2] - first[2]).max() > 1e-2
+
+
+def _assert_same_masks(got: np.ndarray, expected: np.ndarray) -> None:
+    assert got.shape == expected.shape
+    for got_mask, wanted in zip(got, expected):
+        assert _mask_iou(got_mask, wanted) >= 0.99
+
+
+def test_the_onnxruntime_predictor_segments_detections_as_the_checkpoint(exported) -> None:
+    checkpoint, summary = exported
+    settings = {"conf": 0.3, "max_det": 20, "batch_size": 2}
+    by_onnx = Predictor.from_onnx(summary.files[0].path, **settings)  # the segmenter found beside it
+    by_torch = Predictor.from_checkpoint(checkpoint, device="cpu", **settings)
+    images = [_image(height, width, seed) for seed, (height, width) in enumerate(IMAGES.values())]
+    got, expected = by_onnx(images), by_torch(images)
+    assert sum(len(prediction.boxes) for prediction in expected) > 3
+    for got_prediction, wanted in zip(got, expected):
+        assert got_prediction.names == wanted.names
+        np.testing.assert_allclose(got_prediction.boxes, wanted.boxes, atol=1e-3)
+        _assert_same_masks(got_prediction.masks, wanted.masks)
+    assert any(prediction.masks.any() for prediction in expected)
+    assert Predictor.from_onnx(summary.files[0].path, segmenter=False, **settings)(images)[0].masks is None
+
+
+def test_predict_with_onnxruntime_answers_a_prompts_file_as_the_checkpoint(exported, tmp_path) -> None:
+    from PIL import Image
+
+    from tests.predict.predict_models import rle_masks
+    from vfmkd.cli import main
+
+    checkpoint, summary = exported
+    prompts = {}
+    for seed, (name, (height, width)) in enumerate(IMAGES.items()):
+        Image.fromarray(_image(height, width, seed)).save(tmp_path / f"{name}.png")
+        prompts[f"{name}.png"] = _prompts(height, width)
+    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
+    common = ["--source", str(tmp_path / "*.png"), "--prompts", str(tmp_path / "prompts.json"), "--no-progress"]
+    encoder = str(summary.files[1].path)
+    runs = {
+        "pt": ["--checkpoint", str(checkpoint), "--device", "cpu"],
+        "ort": ["--engine", "onnxruntime", "--model", str(summary.files[0].path)],
+        "ort_segmenter_only": ["--engine", "onnxruntime", "--model", encoder],
+    }
+    rows = {}
+    for run, options in runs.items():
+        assert main(["predict", *options, *common, "--out", str(tmp_path / run)]) == 0
+        rows[run] = json.loads((tmp_path / run / "predictions.json").read_text())
+    assert len(rows["pt"]) == 2 * 4 and {row["category_name"] for row in rows["pt"]} == {"prompt"}
+    for run in ("ort", "ort_segmenter_only"):
+        assert [row["file_name"] for row in rows[run]] == [row["file_name"] for row in rows["pt"]]
+        for name in prompts:  # NOTE: one image at a time: pycocotools decodes masks of one size together.
+            per_image = [[row for row in rows[key] if row["file_name"] == name] for key in (run, "pt")]
+            _assert_same_masks(*(rle_masks(image_rows) for image_rows in per_image))
+        np.testing.assert_allclose([row["score"] for row in rows[run]], [row["score"] for row in rows["pt"]], atol=1e-3)

@@ -8,8 +8,10 @@
 - :func:`letterbox`: images as the predictor feeds them to its engine (centred, grey 114).
 - :mod:`vfmkd.inference.engine`: the model behind a predictor in PyTorch;
   :mod:`vfmkd.inference.onnx_engine`: an exported detector in onnxruntime
-  (``Predictor.from_onnx``) and the metadata of exported files.
-- :mod:`vfmkd.inference.writers`: drawn images and COCO results.
+  (``Predictor.from_onnx``) and the metadata of exported files;
+  :mod:`vfmkd.inference.onnx_segmenter`: the exported image encoder and prompt decoder
+  beside it (masks for detections and prompts).
+- :mod:`vfmkd.inference.writers`: drawn images (:mod:`vfmkd.utils.visualization`) and COCO results.
 """
 
 from vfmkd.inference.predictor import Prediction, Predictor, PredictSummary, letterbox, predict

@@ -24,7 +24,7 @@ from torch import nn
 
 from vfmkd.datasets.collate import batch_to_device
 
-__all__ = ["PROMPT_LABEL", "Engine", "TorchEngine", "mask_boxes"]
+__all__ = ["PROMPT_LABEL", "Engine", "TorchEngine", "mask_boxes", "prompt_rows"]
 
 #: Label of a row that answers a prompt (it has no class).
 PROMPT_LABEL = -1
@@ -112,13 +112,18 @@ class TorchEngine:
             batch,
             prompts=[{"points": image["points"], "point_labels": image["point_labels"]} for image in prompts],
         )
-        return [_prompt_rows(boxes, points) for boxes, points in zip(by_boxes, by_points)]
+        return [prompt_rows(boxes, points) for boxes, points in zip(by_boxes, by_points)]
 
 
-def _prompt_rows(
+def prompt_rows(
     by_boxes: Mapping[str, torch.Tensor], by_points: Mapping[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """One image's answers to its box prompts, then its point prompts, as result rows."""
+    """One image's answers to its box prompts, then its point prompts, as result rows.
+
+    Args:
+        by_boxes: ``masks`` bool ``[Nb, H0, W0]`` and ``mask_scores [Nb]`` of the box prompts.
+        by_points: the same of the point prompts.
+    """
     masks = torch.cat([by_boxes["masks"].cpu(), by_points["masks"].cpu()])
     scores = torch.cat([by_boxes["mask_scores"].float().cpu(), by_points["mask_scores"].float().cpu()])
     return {

@@ -16,6 +16,9 @@ behind a :class:`~vfmkd.inference.Predictor` (``vfmkd predict --engine onnxrunti
 - ``rtdetr_head``: the top ``K`` (query, class) pairs out, then the score threshold
   (:func:`~vfmkd.models.heads.rtdetr_head.select_top`).
 
+With the segmenter's two graphs beside the detector, :mod:`vfmkd.inference.onnx_segmenter`
+adds masks (one per detection, or one per prompt).
+
 onnx and onnxruntime are optional (``pip install "vfmkd[export]"``); they are imported
 when used (:func:`import_optional`).
 """

@@ -233,24 +233,31 @@ class Predictor:
         cls,
         path: str | Path,
         *,
+        segmenter: str | Path | bool | None = None,
         img_size: int | None = None,
         providers: Sequence[str] | None = None,
         **options: Any,
     ) -> Predictor:
-        """A predictor of an exported detector in onnxruntime (``vfmkd export``'s ``<out>.onnx``).
+        """A predictor of a model exported by ``vfmkd export``, in onnxruntime.
 
-        Class names, COCO category ids and the input size come from the file's metadata;
-        no checkpoint is needed.
+        Class names, COCO category ids and the input size come from the files' metadata;
+        no checkpoint is needed. With the segmenter's two graphs (a checkpoint with a
+        ``sam_mask_head``), masks come as from the checkpoint: one per detection, or one
+        per prompt (:mod:`vfmkd.inference.onnx_segmenter`).
 
         Args:
-            path: the detector graph.
+            path: the detector graph (``<stem>.onnx``); for a model without a detection
+                head, either segmenter file (then every image needs prompts).
+            segmenter: None: ``<stem>_encoder.onnx`` and ``<stem>_decoder.onnx`` beside
+                ``path`` when both are there; a path (either file or their stem): those;
+                False: boxes only.
             img_size: must be the exported size when given (the graph's input is fixed).
             providers: onnxruntime execution providers (default: the CPU).
             **options: ``conf``, ``iou``, ``max_det``, ``batch_size`` (see :class:`Predictor`).
         """
-        from vfmkd.inference.onnx_engine import OnnxEngine
+        from vfmkd.inference.onnx_segmenter import build_onnx_engine
 
-        engine = OnnxEngine(path, providers=providers)
+        engine = build_onnx_engine(path, segmenter=segmenter, providers=providers)
         metadata = engine.metadata
         if img_size is not None and int(img_size) != metadata.input_size:
             raise PredictError(
