@@ -53,7 +53,7 @@ def test_a_config_entry_fills_the_store_the_named_teacher_command_fills(image_fo
     assert store.path == tmp_path / "entry_store" and len(store) == 12
     assert store.manifest["build_args"] == {
         "teacher": "toy_pool", "weights": None, "random_init": True, "seed": 0, "features": ["embed"],
-        "image_size": 32,
+        "image_size": 32, "timm_model": None,
     }
     assert store.manifest["data_source"] == str(image_folder) and store.manifest["split"] == "train"
     named = tmp_path / "named_store"
