@@ -117,6 +117,7 @@ def plan_cells(args: argparse.Namespace) -> list[dict[str, Any]]:
         for fraction in args.fractions
         for kind in kinds
         for seed in args.seeds
+        if not args.only or kind in args.only
     ]
 
 
@@ -437,14 +438,15 @@ def summarise(results: list[dict[str, Any]], args: argparse.Namespace) -> list[d
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| labels | run | mAP50-95 (mean +- std) | gain | mAP50 | training s / run | time vs plain |",
-        "|---:|---|---:|---:|---:|---:|---:|",
+        "| labels | run | seeds | mAP50-95 (mean +- std) | gain | mAP50 | training s / run | time vs plain |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         gain = f"{row['gain']:+.4f}" if "gain" in row and row["kind"] not in ("plain", "ultralytics") else "-"
         ratio = f"{row['time_ratio']:.2f}x" if "time_ratio" in row else "-"
         lines.append(
-            f"| {row['fraction']:.0%} | {label(row['kind'])} | {row['map50_95_mean']:.4f} +- {row['map50_95_std']:.4f} "
+            f"| {row['fraction']:.0%} | {label(row['kind'])} | {row['runs']} "
+            f"| {row['map50_95_mean']:.4f} +- {row['map50_95_std']:.4f} "
             f"| {gain} | {row['map50_mean']:.4f} | {row['seconds_mean']:.0f} | {ratio} |"
         )
     return "\n".join(lines)
@@ -475,6 +477,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--skip-ultralytics", action="store_true")
+    parser.add_argument("--only", nargs="+", help="run only these kinds (plain, mse@0.8, mse@1.0, ultralytics, ...)")
+    parser.add_argument("--table-only", action="store_true",
+                        help="run nothing: the table of the finished runs in --dir for these settings")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "distillation_gain.json")
     return parser.parse_args(argv)
 
@@ -494,8 +499,12 @@ def main() -> None:
     print(f"extraction: {extraction:.1f} s for {args.train_images} images", flush=True)
     cells = plan_cells(args)
     specs = [cell_spec(args, cell) for cell in cells]
-    with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        results = list(pool.map(run_cell, specs))
+    if args.table_only:
+        finished = [Path(spec["out"]) / "result.json" for spec in specs]
+        results = [json.loads(path.read_text()) for path in finished if path.exists()]
+    else:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            results = list(pool.map(run_cell, specs))
     rows = summarise(results, args)
     header = (
         f"YOLOv8n on shapes ({args.train_images} train / {args.val_images} val images, {args.imgsz} px), "
