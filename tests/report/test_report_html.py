@@ -147,3 +147,18 @@ def test_report_of_a_run_without_checkpoint_and_a_folder_that_is_no_run(tmp_path
     assert main(["report", str(tmp_path / "nothing")]) == 2
     error = capsys.readouterr().err
     assert error.startswith("error: ") and "not a run directory" in error and len(error.strip().splitlines()) == 1
+
+
+def test_a_report_onto_a_full_disk_is_one_line(tmp_path, capsys):
+    from tests.utils.test_utils_write_errors import small_disk
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    records = [f'{{"kind": "train", "step": {step}, "loss/total": {2.0 / step}}}' for step in range(1, 40)]
+    (run_dir / "metrics.jsonl").write_text("\n".join(records) + "\n")
+    with small_disk(tmp_path, 16) as disk:
+        if disk is None:
+            pytest.skip("no tmpfs can be mounted here (needs root); tests/utils covers the patched writer")
+        assert main(["report", str(run_dir), "--out", str(disk / "report.html")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: could not write ") and "bytes needed" in error and "Traceback" not in error

@@ -85,8 +85,9 @@ def write_report(
 
     Raises:
         RunDirError: ``run_dir`` is no run directory.
+        WriteError: the report or a picture could not be written (names the file and the space).
     """
-    from vfmkd.utils.io import atomic_write_text
+    from vfmkd.utils.io import atomic_write_bytes, atomic_write_text
 
     run = read_run(run_dir)
     out = Path(out) if out is not None else run.run_dir / "report.html"
@@ -114,10 +115,10 @@ def write_report(
         per_class=per_class,
     )
     folder = out.with_name(out.stem + "_files")
-    folder.mkdir(parents=True, exist_ok=True)
     pictures = [*content.curves, *content.predictions, *(p for group in content.features.values() for p in group)]
     for picture in pictures:
-        (folder / picture.file_name).write_bytes(picture.png)
+        # NOTE: atomic, and a full disk or a read-only folder is a WriteError naming the file.
+        atomic_write_bytes(folder / picture.file_name, picture.png)
     atomic_write_text(out, render_html(content))
     logger.info("report: %s (%d pictures in %s)", out, len(pictures), folder)
     return out
