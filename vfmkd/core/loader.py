@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 
-from vfmkd.errors import DataLoadingError
+from vfmkd.errors import DataLoadingError, UserError
 
 __all__ = ["BatchMix", "MixedBatchSampler", "ResumableSampler", "SeededDataset", "build_train_loader", "seed_everything"]
 
@@ -130,9 +130,13 @@ def worker_failure(error: BaseException, iterator: Any = None) -> DataLoadingErr
     failure in a worker comes back as PyTorch's re-raise, whose message holds the worker's
     traceback: its last line is our message.
     """
+    if isinstance(error, UserError) and not isinstance(error, DataLoadingError):
+        return None  # already a clear error of its own (a full disk, divergence, a config key)
     text = str(error)
     workers = getattr(iterator, "_workers", None) or []
-    dead = [worker for worker in workers if worker.exitcode is not None and worker.exitcode != 0]
+    # NOTE: SIGTERM is how the loader's own shutdown ends a worker that does not stop in time,
+    # which the clean-up after any error may do; it explains nothing.
+    dead = [worker for worker in workers if worker.exitcode not in (None, 0, -signal.SIGTERM)]
     if isinstance(error, DataLoadingError) and not dead:
         last = [line for line in text.splitlines() if line.strip()][-1] if text.strip() else text
         return DataLoadingError(last.split("DataLoadingError: ", 1)[-1])
