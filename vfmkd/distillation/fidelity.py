@@ -62,13 +62,16 @@ class FidelityEvaluator(Evaluator):
         self.terms = [term for term in distiller.terms if term.teacher not in skipped]
         self.distiller = distiller
         self._sums: dict[str, list[float]] = {}
+        self._store_plans: list[OfflinePlan] | None = None
 
     def prepare_data(self, dataset: Dataset, collate_fn: Collate) -> tuple[Dataset, Collate]:
         """Samples carry the validation stores' records of the teachers that have one."""
         if not self.terms and not self.plans:
             return dataset, collate_fn
-        plans = [*self.plans, *self._training_store_plans(dataset)]
-        return DistillationDataset(dataset, plans), TeacherFeatureCollate(collate_fn)
+        if self._store_plans is None:
+            # NOTE: once: matching the ids to the extracted split lists that split's files.
+            self._store_plans = self._training_store_plans(dataset)
+        return DistillationDataset(dataset, [*self.plans, *self._store_plans]), TeacherFeatureCollate(collate_fn)
 
     def _training_store_plans(self, dataset: Dataset) -> list[OfflinePlan]:
         """Training stores of the live-capable teachers without a validation store, limited to
