@@ -142,7 +142,9 @@ class AugmentConfig(_Strict):
 class DataConfig(_Strict):
     """The data set. ``unlabeled``: image folders, globs or data sets whose labels are
     ignored, mixed into training (distillation terms only); ``unlabeled_ratio``: share of
-    unlabelled samples in each batch (None: the natural proportion); ``label_fraction``:
+    unlabelled samples in each batch of ``batch_size`` (None: the natural proportion), or
+    ``unlabeled_batch_size``: unlabelled samples added to each batch of ``batch_size``
+    labelled ones (at most one of the two); ``label_fraction``:
     keep the labels of only that share of the labelled set, chosen with ``train.seed``
     (see :mod:`vfmkd.datasets.mixed`)."""
 
@@ -158,6 +160,7 @@ class DataConfig(_Strict):
     cache_images: bool = False
     unlabeled: list[str] = Field(default_factory=list)
     unlabeled_ratio: float | None = Field(default=None, gt=0.0, lt=1.0)
+    unlabeled_batch_size: int | None = Field(default=None, ge=1)
     label_fraction: float = Field(default=1.0, gt=0.0, le=1.0)
 
     @field_validator("unlabeled", mode="before")
@@ -182,13 +185,24 @@ class DataConfig(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _ratio_needs_unlabeled(self) -> "DataConfig":
-        if self.unlabeled_ratio is not None and not self.unlabeled and self.label_fraction >= 1.0:
+    def _mix_needs_unlabeled(self) -> "DataConfig":
+        if self.unlabeled_ratio is not None and self.unlabeled_batch_size is not None:
             raise ValueError(
-                "data.unlabeled_ratio is set but there are no unlabelled images: "
-                "add data.unlabeled or a data.label_fraction below 1, or remove it"
+                "data.unlabeled_ratio and data.unlabeled_batch_size are both set: keep one (a share of "
+                "each batch, or unlabelled samples on top of each batch of data.batch_size labelled ones)"
             )
+        for key in ("unlabeled_ratio", "unlabeled_batch_size"):
+            if getattr(self, key) is not None and not self.unlabeled and self.label_fraction >= 1.0:
+                raise ValueError(
+                    f"data.{key} is set but there are no unlabelled images: "
+                    "add data.unlabeled or a data.label_fraction below 1, or remove it"
+                )
         return self
+
+    @property
+    def train_batch_size(self) -> int:
+        """Samples per training micro-batch: ``batch_size`` plus ``unlabeled_batch_size``."""
+        return self.batch_size + (self.unlabeled_batch_size or 0)
 
     @field_validator("img_size")
     @classmethod

@@ -83,6 +83,12 @@ def test_unlabeled_ids_that_collide_are_refused(synthetic_data_yaml):
         ({"label_fraction": 1.5}, r"data.label_fraction: Input should be less than or equal to 1"),
         ({"unlabeled_ratio": 0.5}, r"data.unlabeled_ratio is set but there are no unlabelled images"),
         ({"unlabeled_ratio": 1.0, "label_fraction": 0.5}, r"data.unlabeled_ratio: Input should be less than 1"),
+        ({"unlabeled_batch_size": 4}, r"data.unlabeled_batch_size is set but there are no unlabelled images"),
+        ({"unlabeled_batch_size": 0, "label_fraction": 0.5}, r"data.unlabeled_batch_size: Input should be greater"),
+        (
+            {"unlabeled_batch_size": 4, "unlabeled_ratio": 0.5, "label_fraction": 0.5},
+            r"data.unlabeled_ratio and data.unlabeled_batch_size are both set",
+        ),
     ],
 )
 def test_bad_keys_are_config_errors_naming_the_key(tmp_path, data, message):
@@ -120,3 +126,15 @@ def test_mixed_batches_hold_the_unlabeled_share():
     ranks = [_order(dataset, mix, batch_size=4, rank=rank, world=2) for rank in (0, 1)]
     assert [i >= 15 for i in ranks[0]] == [i >= 15 for i in ranks[1]]
     assert sum(index >= 15 for index in ranks[0][:4]) == 2
+
+
+def test_mixed_batches_hold_a_fixed_number_of_unlabeled_samples():
+    dataset = list(range(20))  # 0..14 labelled, 15..19 unlabelled
+    mix = BatchMix(labeled=15, unlabeled_per_batch=3)
+    order = _order(dataset, mix, batch_size=5)  # 2 labelled + 3 unlabelled per batch
+    assert [sum(index >= 15 for index in order[5 * b : 5 * b + 5]) for b in range(4)] == [3, 3, 3, 3]
+    assert order[7:] == _order(dataset, mix, batch_size=5, start=7)
+    with pytest.raises(ValueError, match="do not fit a mixed batch of 3"):
+        _order(dataset, mix, batch_size=3)
+    with pytest.raises(ValueError, match="exactly one of"):
+        BatchMix(labeled=15, unlabeled_ratio=0.5, unlabeled_per_batch=3)

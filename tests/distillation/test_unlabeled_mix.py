@@ -141,3 +141,17 @@ def test_label_fraction_mixes_the_rest_as_unlabeled(tmp_path, synthetic_data_yam
     assert counts["samples/labeled"] + counts["samples/unlabeled"] == 4
     if ratio == 0.25:
         assert counts["samples/unlabeled"] == 1
+
+
+def test_unlabeled_batch_size_adds_unlabeled_samples_to_each_batch(tmp_path, synthetic_data_yaml):
+    # 3 labelled + 3 unlabelled; batches of 2 labelled + 1 unlabelled: 2 batches of 3.
+    config = _config(tmp_path, synthetic_data_yaml, label_fraction=0.5, unlabeled=[], unlabeled_batch_size=1)
+    config.data.batch_size = 2
+    config.teachers["probe"].offline = False
+    trainer = build_trainer(config)
+    assert trainer.batch_size == 3
+    counts = _data_records(Path(trainer.train()["run_dir"]))[-1]
+    assert (counts["samples/labeled"], counts["samples/unlabeled"]) == (4, 2)
+    # Without a distillation term the unlabelled images are left out, and so is their share of the batch.
+    config.distillation.losses = {}
+    assert build_trainer(config).batch_size == 2

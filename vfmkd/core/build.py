@@ -297,7 +297,8 @@ def build_trainer(
         train_dataset=train_dataset,
         optimizer=optimizer,
         settings=config.train,
-        batch_size=config.data.batch_size,
+        # NOTE: unlabeled_batch_size adds to the batch only when unlabelled samples are mixed in.
+        batch_size=config.data.train_batch_size if mixed is not None else config.data.batch_size,
         collate_fn=train_collate,
         num_workers=config.data.num_workers,
         hooks=[*all_hooks, *hooks],
@@ -331,11 +332,16 @@ def check_class_count(model: nn.Module, dataset: Any, data_name: str) -> None:
 
 
 def _batch_mix(config: ExperimentConfig, mixed: MixedDataset | None) -> BatchMix | None:
-    """``data.unlabeled_ratio`` for a mixed training set (None: plain concatenation)."""
-    ratio = config.data.unlabeled_ratio
-    if ratio is None or mixed is None:
+    """``data.unlabeled_ratio`` or ``data.unlabeled_batch_size`` for a mixed training set
+    (None: plain concatenation)."""
+    data = config.data
+    if mixed is None:
         return None
-    return BatchMix(labeled=mixed.labeled_count, unlabeled_ratio=ratio)
+    if data.unlabeled_batch_size is not None:
+        return BatchMix(labeled=mixed.labeled_count, unlabeled_per_batch=data.unlabeled_batch_size)
+    if data.unlabeled_ratio is not None:
+        return BatchMix(labeled=mixed.labeled_count, unlabeled_ratio=data.unlabeled_ratio)
+    return None
 
 
 def _warn_config_changes(config: ExperimentConfig, saved: Mapping[str, Any]) -> None:

@@ -3,8 +3,8 @@
 Every sample's augmentation draws from generators seeded by ``(seed, epoch, index)``
 (:class:`SeededDataset`), the sampler's order is a function of ``(seed, epoch)`` and it
 can start mid-epoch (:class:`ResumableSampler`); :func:`build_train_loader` puts them
-together. With a :class:`BatchMix` (``data.unlabeled_ratio``) each batch holds a fixed
-share of unlabelled samples (:class:`MixedBatchSampler`).
+together. With a :class:`BatchMix` (``data.unlabeled_ratio`` or ``data.unlabeled_batch_size``)
+each batch holds a fixed share or number of unlabelled samples (:class:`MixedBatchSampler`).
 """
 
 from __future__ import annotations
@@ -190,10 +190,17 @@ class BatchMix:
         labeled: indices ``0 .. labeled - 1`` of the data set are labelled, the rest
             unlabelled (:class:`~vfmkd.datasets.mixed.MixedDataset`'s order).
         unlabeled_ratio: share of unlabelled samples in each batch, in (0, 1).
+        unlabeled_per_batch: or, exactly this many unlabelled samples in each batch
+            (the rest labelled); one of the two is set.
     """
 
     labeled: int
-    unlabeled_ratio: float
+    unlabeled_ratio: float | None = None
+    unlabeled_per_batch: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.unlabeled_ratio is None) == (self.unlabeled_per_batch is None):
+            raise ValueError("BatchMix needs exactly one of unlabeled_ratio and unlabeled_per_batch")
 
 
 class MixedBatchSampler(ResumableSampler):
@@ -201,7 +208,7 @@ class MixedBatchSampler(ResumableSampler):
 
     An epoch has as many samples as the data set. Batch ``b`` of a rank holds
     ``floor((b + 1) * B * r) - floor(b * B * r)`` unlabelled samples (``r`` the ratio, so
-    the share is exact over the epoch), the rest labelled; each kind is drawn from its
+    the share is exact over the epoch), or ``unlabeled_per_batch`` of them, the rest labelled; each kind is drawn from its
     own shuffled order (reshuffled when used up), a function of ``(seed, epoch)``. Every
     rank sees the same kinds at the same batch positions.
     """
@@ -213,11 +220,15 @@ class MixedBatchSampler(ResumableSampler):
         total = len(dataset)  # type: ignore[arg-type]
         if not 0 < mix.labeled < total:
             raise ValueError(f"a mixed batch needs labelled and unlabelled samples; got {mix.labeled} of {total} labelled")
+        if mix.unlabeled_per_batch is not None and not 0 < mix.unlabeled_per_batch < batch_size:
+            raise ValueError(f"{mix.unlabeled_per_batch} unlabelled samples do not fit a mixed batch of {batch_size}")
         self.mix = mix
         self.batch_size = batch_size
 
     def _unlabeled_slot(self, position: int) -> bool:
         batch, slot = divmod(position, self.batch_size)
+        if self.mix.unlabeled_per_batch is not None:
+            return slot < self.mix.unlabeled_per_batch
         unlabeled = math.floor((batch + 1) * self.batch_size * self.mix.unlabeled_ratio) - math.floor(
             batch * self.batch_size * self.mix.unlabeled_ratio
         )
@@ -263,7 +274,7 @@ def build_train_loader(
     """The shuffling, resumable training loader and its micro-batches per epoch (per rank).
 
     The last incomplete batch is dropped when a rank has at least one full batch. With
-    ``mix``, each batch holds its share of unlabelled samples (:class:`MixedBatchSampler`).
+    ``mix``, each batch holds its share or number of unlabelled samples (:class:`MixedBatchSampler`).
     """
     if mix is None:
         sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)

@@ -124,8 +124,8 @@ class Trainer:
         process: rank, device and process group; default the current process
             (:meth:`ProcessContext.current`).
         run_dir: where ``train.log`` and ``metrics.jsonl`` go.
-        batch_mix: each batch's share of unlabelled samples (``data.unlabeled_ratio``);
-            None: the data set's natural proportion.
+        batch_mix: unlabelled samples per batch (``data.unlabeled_ratio`` or ``unlabeled_batch_size``;
+            ``batch_size`` counts both kinds); None: the data set's natural proportion.
     """
 
     def __init__(
