@@ -205,6 +205,26 @@ def test_two_teachers_each_with_its_losses_and_normalisation(probe_store):
     assert bool(valid.any())
 
 
+def test_all_online_teacher_standardises_with_its_store_statistics(probe_store):
+    root, data_yaml = probe_store
+    runtimes = []
+    for normalize in (False, True):
+        config = _config(root, data_yaml)
+        config.teachers["probe"].normalize = normalize
+        config.teachers["probe"].offline_ratio = 0.0
+        trainer = build_trainer(config)
+        runtimes.append(trainer.model.distiller.teachers)
+    assert runtimes[1].offline_plans() == []  # the store is read for its statistics only
+    batch = batch_to_device(next(iter(trainer.train_loader)), trainer.device)
+    raw, valid = runtimes[0].teacher_targets(batch, trainer.device)[("probe", "embed", 16)]
+    standardised, _ = runtimes[1].teacher_targets(batch, trainer.device)[("probe", "embed", 16)]
+    mean, std = runtimes[1].teacher_plans["probe"].store.stats("embed")
+    expected = (raw - torch.as_tensor(mean).view(1, -1, 1, 1)) / torch.as_tensor(std).view(1, -1, 1, 1)
+    cells = valid.expand_as(raw)
+    assert bool(valid.any())
+    torch.testing.assert_close(standardised[cells], expected[cells])
+
+
 def _two_teacher_config(root, data_yaml) -> ExperimentConfig:
     config = _config(root, data_yaml)
     config.teachers["second"] = config.teachers["probe"].model_copy(update={"normalize": True})

@@ -320,7 +320,10 @@ def _plan_teacher(key: str, teacher: TeacherConfig, config: ExperimentConfig) ->
         store = _open_store(key, teacher, registry_name, config)
         specs = dict(store.specs)
     else:
-        # Every sample is online: the teacher is needed anyway, and declares its specs.
+        # Every sample is online: the teacher is needed anyway, and declares its specs. A
+        # store is still opened for its statistics when the maps are normalised.
+        if teacher.normalize and teacher.feature_path:
+            store = _open_store(key, teacher, registry_name, config)
         prebuilt = build_teacher_from_config(key, teacher, features=teacher.features)
         specs = dict(prebuilt.feature_specs)
     return TeacherPlan(key, registry_name, teacher, specs, ratio, store, prebuilt)
