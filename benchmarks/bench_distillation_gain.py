@@ -67,6 +67,9 @@ sys.path.insert(0, str(ROOT))
 
 TEACHER_KEY = "teacher"
 LEVELS = ("p3", "p4", "p5")
+# The head's class-logit maps per level; losses on logits (bce) pair them with the student's own.
+CLASS_MAPS = tuple(f"detection.cls_{level}" for level in LEVELS)
+LOGIT_LOSSES = ("bce",)
 NUM_CLASSES = 6
 # The YOLOv8n shapes recipe (configs/experiments/yolov8n_shapes_detection.yaml), for both trainers.
 LR = 0.002
@@ -155,15 +158,23 @@ def student_config(args: argparse.Namespace, cell: dict[str, Any], run_dir: Path
     }
     if cell["kind"] != "plain":
         loss, ratio = cell["kind"].split("@")
-        config["teachers"] = {TEACHER_KEY: teacher_entry(args, float(ratio))}
-        config["distillation"] = {
-            "losses": {
+        logits = loss in LOGIT_LOSSES
+        config["teachers"] = {TEACHER_KEY: teacher_entry(args, float(ratio), normalize=args.normalize and not logits)}
+        if logits:
+            # The teacher's class scores into the student's own class logits, level by level.
+            losses = {
+                f"{TEACHER_KEY}_{name}": {"type": loss, "teacher": TEACHER_KEY, "feature": name, "student": name,
+                                          "adapter": "none", "weight": args.logit_weight}
+                for name in CLASS_MAPS
+            }
+        else:
+            losses = {
                 f"{TEACHER_KEY}_{level}": {
                     "type": loss, "teacher": TEACHER_KEY, "feature": level, "student": level, "weight": args.weight,
                 }
                 for level in LEVELS
             }
-        }
+        config["distillation"] = {"losses": losses}
         if cell["fraction"] < 1.0:
             # NOTE: the unlabelled images come on top of the labelled batch, so every run sees the
             # same labelled images per step (half the batch unlabelled at the same batch size
@@ -172,17 +183,17 @@ def student_config(args: argparse.Namespace, cell: dict[str, Any], run_dir: Path
     return config
 
 
-def teacher_entry(args: argparse.Namespace, offline_ratio: float) -> dict[str, Any]:
+def teacher_entry(args: argparse.Namespace, offline_ratio: float, *, normalize: bool) -> dict[str, Any]:
     return {
         "name": "vfmkd",
         "model_path": str(args.teacher_state_dict),
-        "features": list(LEVELS),
+        "features": [*LEVELS, *CLASS_MAPS],
         "feature_path": str(args.store),
         "image_size": args.imgsz,
         "offline_ratio": offline_ratio,
         # Per-channel standardised with the store's statistics: the raw neck maps are small
-        # (channel stds ~0.01-1), so an unnormalised MSE would be too weak to matter.
-        "normalize": args.normalize,
+        # (channel stds ~0.01-1), so an unnormalised MSE would be too weak to matter. Logits stay raw.
+        "normalize": normalize,
     }
 
 
@@ -377,7 +388,9 @@ def eval_config(args: argparse.Namespace) -> dict[str, Any]:
 def cell_spec(args: argparse.Namespace, cell: dict[str, Any]) -> dict[str, Any]:
     # NOTE: the settings in the folder name, so a finished run is reused only for the same settings.
     settings = f"{args.imgsz}px_{args.steps}steps_b{args.batch}_warm{args.warmup_steps}"
-    if cell["kind"] not in ("plain", "ultralytics", "ultralytics_distill"):
+    if cell["kind"].split("@")[0] in LOGIT_LOSSES:
+        settings += f"_logits_w{args.logit_weight:g}_u{args.unlabeled_batch}"
+    elif cell["kind"] not in ("plain", "ultralytics", "ultralytics_distill"):
         settings += f"_w{args.weight:g}_{'norm' if args.normalize else 'raw'}_u{args.unlabeled_batch}"
     out = args.dir / "runs" / settings / cell["name"]
     spec = {**cell, "out": str(out), "threads": args.threads, "eval_config": eval_config(args)}
@@ -404,7 +417,8 @@ def label(kind: str) -> str:
     if kind == "ultralytics_distill":
         return "Ultralytics `distill_model=` (live, labelled only)"
     loss, ratio = kind.split("@")
-    return f"vfmkd, {loss} p3/p4/p5, offline {ratio}"
+    maps = "class logits p3/p4/p5" if loss in LOGIT_LOSSES else "p3/p4/p5"
+    return f"vfmkd, {loss} {maps}, offline {ratio}"
 
 
 def summarise(results: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -466,10 +480,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--teacher-threads", type=int, default=2)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 1.0])
-    parser.add_argument("--losses", nargs="+", default=["mse", "cwd"])
+    parser.add_argument("--losses", nargs="+", default=["mse", "cwd", "bce"])
     parser.add_argument("--unlabeled-batch", type=int, default=8,
                         help="unlabelled images added to each batch of the distillation runs with partial labels")
     parser.add_argument("--weight", type=float, default=1.0, help="weight of each level's distillation term")
+    parser.add_argument("--logit-weight", type=float, default=0.5,
+                        help="weight of each level's term of the losses on class logits (bce)")
     parser.add_argument("--no-normalize", dest="normalize", action="store_false",
                         help="distil the raw teacher maps (default: standardised per channel)")
     parser.add_argument("--threads", type=int, default=1)
@@ -492,7 +508,7 @@ def main() -> None:
     args.data_yaml = prepare_data(args)
     teacher = train_teacher(args)
     print(f"teacher mAP50-95 {teacher['map50_95']:.4f} (mAP50 {teacher['map50']:.4f}), {teacher['seconds']:.0f} s")
-    args.store = args.dir / f"store_{args.teacher_state_dict.parent.name}_{args.imgsz}"
+    args.store = args.dir / f"store_{args.teacher_state_dict.parent.name}_{args.imgsz}_neck_and_logits"
     extraction = extract_store(args)
     print(f"extraction: {extraction:.1f} s for {args.train_images} images", flush=True)
     cells = plan_cells(args)

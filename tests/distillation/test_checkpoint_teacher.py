@@ -15,6 +15,7 @@ from vfmkd.features.store import FeatureStore
 
 IMG_SIZE = 64
 LEVELS = ("p3", "p4", "p5")
+CLASS_MAPS = tuple(f"detection.cls_{level}" for level in LEVELS)
 
 
 def _config(tmp_path: Path, data_yaml: Path, name: str, scale: str, **extra) -> dict:
@@ -40,10 +41,16 @@ def test_a_trained_checkpoint_teaches_a_smaller_student(tmp_path, synthetic_data
     config = validate_config(
         _config(
             tmp_path, synthetic_data_yaml, "student", "n",
-            teachers={"yolov8s": {"name": "vfmkd", "model_path": str(checkpoint), "features": list(LEVELS),
-                                  "feature_path": str(store), "offline_ratio": 0.5}},
-            distillation={"losses": {f"kd_{level}": {"type": "cwd", "teacher": "yolov8s", "feature": level,
-                                                     "student": level} for level in LEVELS}},
+            teachers={"yolov8s": {"name": "vfmkd", "model_path": str(checkpoint),
+                                  "features": [*LEVELS, *CLASS_MAPS], "feature_path": str(store),
+                                  "offline_ratio": 0.5}},
+            distillation={"losses": {
+                **{f"kd_{level}": {"type": "cwd", "teacher": "yolov8s", "feature": level, "student": level}
+                   for level in LEVELS},
+                # The head's class scores into the student's own (response distillation).
+                **{f"kd_{name}": {"type": "bce", "teacher": "yolov8s", "feature": name, "student": name,
+                                  "adapter": "none", "weight": 0.5} for name in CLASS_MAPS},
+            }},
         )
     )
     config.data.label_fraction = 0.5
@@ -51,13 +58,14 @@ def test_a_trained_checkpoint_teaches_a_smaller_student(tmp_path, synthetic_data
     # The teacher's frame is the checkpoint's letterbox at its training size; its p3 is 128 channels (s).
     specs = FeatureStore.open(store).specs
     assert {name: (spec.channels, spec.height, spec.width) for name, spec in specs.items()} == {
-        "p3": (128, 8, 8), "p4": (256, 4, 4), "p5": (512, 2, 2)
+        "p3": (128, 8, 8), "p4": (256, 4, 4), "p5": (512, 2, 2),
+        "detection.cls_p3": (6, 8, 8), "detection.cls_p4": (6, 4, 4), "detection.cls_p5": (6, 2, 2),
     }
     student = build_trainer(config)
     result = student.train()
     records = [json.loads(line) for line in (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     logged = {key: value for record in records if record["kind"] == "train" for key, value in record.items()}
-    for level in LEVELS:
+    for level in [*LEVELS, *CLASS_MAPS]:
         value = logged[f"loss/distill/yolov8s/{level}<-{level}"]
         assert torch.isfinite(torch.tensor(value)) and value > 0
     assert any(record.get("samples/unlabeled", 0) > 0 for record in records if record["kind"] == "data")

@@ -20,7 +20,7 @@ from vfmkd.config import validate_config
 from vfmkd.distillation.losses import foreground_background_masks
 from vfmkd.registry import LOSSES
 
-EXPECTED_NAMES = {"mse", "smooth_l1", "cosine", "cos_l1", "kl", "pkd", "cwd", "mgd", "fgd"}
+EXPECTED_NAMES = {"mse", "smooth_l1", "cosine", "cos_l1", "kl", "pkd", "cwd", "mgd", "fgd", "bce"}
 # Losses whose value is not 0 when student == teacher (mgd regenerates from a masked map).
 NONZERO_AT_EQUALITY = {"mgd"}
 # Losses that draw random numbers: seed before every call.
@@ -117,6 +117,24 @@ def test_cwd_by_hand() -> None:
         total += sum(p * math.log(p / q) for p, q in zip(teacher, student))
     expected = total * tau**2 / (1 * len(CHANNELS))  # averaged over B * C = 1 * 2
     assert build("cwd", tau=tau)(*tiny_inputs()).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_bce_by_hand() -> None:
+    student, teacher, valid = tiny_inputs()
+
+    def sigmoid(value: float) -> float:
+        return 1.0 / (1.0 + math.exp(-value))
+
+    def cross_entropy(logit: float, target: float) -> float:
+        return -(target * math.log(sigmoid(logit)) + (1 - target) * math.log(1 - sigmoid(logit)))
+
+    total = scores = 0.0
+    for channel in CHANNELS:
+        for y, x in VALID_CELLS:
+            target = sigmoid(TEACHER[channel][y][x])
+            total += cross_entropy(STUDENT[channel][y][x], target) - cross_entropy(TEACHER[channel][y][x], target)
+            scores += target
+    assert build("bce")(student, teacher, valid).item() == pytest.approx(total / max(scores, 1.0), rel=1e-5)
 
 
 def test_pkd_by_hand() -> None:

@@ -92,10 +92,24 @@ def test_adapter_none_with_unequal_channels_is_refused_otherwise(loss: str) -> N
         _plan(type=loss, feature="embed", adapter="none")
 
 
+def test_a_loss_on_raw_logits_refuses_a_normalised_teacher() -> None:
+    config = validate_config(
+        {
+            "teachers": {"probe": {"name": GLOBAL_TEACHER, "offline": False, "allow_random_init": True,
+                                   "normalize": True}},
+            "distillation": {"losses": {"probe_term": {"teacher": "probe", "student": "p5", "type": "bce",
+                                                       "feature": "embed"}}},
+        }
+    )
+    with pytest.raises(ConfigError, match=r"probe_term: 'bce' reads the teacher's raw logits.*normalize: false"):
+        plan_distillation(config, STUDENT_DIMS, STUDENT_STRIDES)
+
+
 def test_builtin_losses_declare_what_they_need() -> None:
     spatial = {name for name in LOSSES.names() if getattr(LOSSES.get(name), "needs_spatial_map", False)}
     assert [name for name in LOSSES.names() if getattr(LOSSES.get(name), "prompt_in_the_loop", False)] == ["mask_kd"]
     assert {"cwd", "fgd", "mgd"} <= spatial and not {"mse", "cos_l1", "kl", "pkd"} & spatial
     assert [name for name in ("mgd", "fgd", "cwd", "mse") if LOSSES.get(name).maps_channels] == ["mgd"]
     assert [name for name in ("mgd", "fgd", "cwd", "mse") if LOSSES.get(name).uses_boxes] == ["fgd"]
+    assert [name for name in LOSSES.names() if getattr(LOSSES.get(name), "needs_raw_teacher", False)] == ["bce"]
 

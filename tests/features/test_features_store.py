@@ -1,6 +1,7 @@
 """The store on its own: layout, reads, statistics, validation, integrity, resume repair."""
 
 import json
+import re
 import pickle
 
 import numpy as np
@@ -305,3 +306,22 @@ def test_mapped_shards_are_bounded(teacher, dataset, tmp_path):
     assert list(bounded._arrays) == [1, 0]
     if descriptors is not None:
         assert len(os.listdir("/proc/self/fd")) - descriptors <= 2 * 2  # 2 shards x 2 features
+
+
+def test_dotted_feature_names_round_trip_and_bad_names_are_refused(teacher, tmp_path):
+    # A model's named maps (``detection.cls_p3``) are stored under their own names, int8 scale files too.
+    specs = {f"detection.{name}": spec for name, spec in teacher.feature_specs.items()}
+    header = StoreHeader("toy", teacher.fingerprint_fields(), "int8", specs)
+    prepare_store_for_writing(tmp_path, header)
+    writer = ShardWriter(tmp_path, header, rank=0, shard_size=4, start_index=0)
+    frame = resize_frame((32, 32), (32, 32)).to_dict()
+    values = {"detection.embed": np.random.default_rng(0).normal(size=(1, 4, 2, 2)).astype(np.float32),
+              "detection.hires_s8": np.zeros((1, 3, 4, 4), np.float32)}
+    writer.add(["a"], [frame], values)
+    writer.flush()
+    finalize_store(tmp_path, header)
+    stored = FeatureStore.open(tmp_path).read("a")
+    np.testing.assert_allclose(stored["detection.embed"], values["detection.embed"][0], atol=0.02)
+    for bad in ("embed.scale", ".embed", "embed..p3", "embed/p3"):
+        with pytest.raises(ValueError, match=rf"feature name '{re.escape(bad)}' must be letters, digits and '_'"):
+            StoreHeader("toy", teacher.fingerprint_fields(), "int8", {bad: teacher.feature_specs["embed"]})

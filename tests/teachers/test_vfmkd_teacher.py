@@ -19,9 +19,10 @@ from vfmkd.models import build_model
 from vfmkd.teachers import build_teacher, build_teacher_from_config
 
 IMAGE_SIZE = 64
+NUM_CLASSES = 3
 MODEL_CONFIG = {
     "backbone": {"type": "yolov8", "scale": "n"},
-    "heads": {"detection": {"type": "yolo_head", "num_classes": 3}},
+    "heads": {"detection": {"type": "yolo_head", "num_classes": NUM_CLASSES}},
 }
 
 
@@ -58,8 +59,9 @@ class _Images:
 
 def test_store_features_equal_the_models_neck_outputs(tmp_path: Path, non_square_image: np.ndarray) -> None:
     model = _write_checkpoint(tmp_path / "best.pt")
+    names = ["p3", "p4", "p5", "detection.cls_p3", "detection.cls_p5"]  # neck levels and the head's class logits
     teacher = build_teacher_from_config("big", TeacherConfig(
-        name="vfmkd", model_path=str(tmp_path / "best.pt"), features=["p3", "p4", "p5"]))
+        name="vfmkd", model_path=str(tmp_path / "best.pt"), features=names))
     assert teacher.image_size == IMAGE_SIZE
     assert teacher.preprocessing()["weights"] == "ema"
     images = _Images([non_square_image, np.ascontiguousarray(non_square_image[:, :90])])
@@ -71,10 +73,12 @@ def test_store_features_equal_the_models_neck_outputs(tmp_path: Path, non_square
         sample = EvalTransform(IMAGE_SIZE)(images, index, np.random.default_rng(0))
         assert store.frame(sample_id) == letterbox_frame(images.images[index].shape[:2], IMAGE_SIZE)
         with torch.no_grad():
-            expected = model(sample["image"][None].float() / 255.0)["features"]
+            outputs = model(sample["image"][None].float() / 255.0)
+        expected = {**outputs["features"], "detection.cls_p3": outputs["detection"][0][:, -NUM_CLASSES:],
+                    "detection.cls_p5": outputs["detection"][2][:, -NUM_CLASSES:]}
         stored = store.read(sample_id)
-        for level in ("p3", "p4", "p5"):
-            torch.testing.assert_close(torch.from_numpy(np.asarray(stored[level])), expected[level][0], atol=1e-5, rtol=1e-5)
+        for name in names:
+            torch.testing.assert_close(torch.from_numpy(np.asarray(stored[name])), expected[name][0], atol=1e-5, rtol=1e-5)
 
 
 def test_any_named_map_and_the_raw_weights_without_ema(tmp_path: Path, non_square_image: np.ndarray) -> None:

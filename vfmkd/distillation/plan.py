@@ -177,6 +177,11 @@ def plan_distillation(
         for level in levels:
             if level not in student_dims:
                 raise ConfigError(f"{where}.student: the student has no map '{level}' (maps: {', '.join(student_dims)})")
+            if loss_class.needs_raw_teacher and plan.config.normalize:
+                raise ConfigError(
+                    f"{where}: '{loss_type}' reads the teacher's raw logits, but teachers.{entry.teacher}.normalize "
+                    "standardises them; set normalize: false (or give these maps their own teacher entry)"
+                )
             if spec.stride == 0 and entry.align_to == "teacher" and loss_class.needs_spatial_map:
                 raise ConfigError(f"{where}: '{loss_type}' needs a spatial map; '{feature}' is a global vector")
             adapter = entry.adapter or "conv1x1"
@@ -323,7 +328,12 @@ def _plan_teacher(key: str, teacher: TeacherConfig, config: ExperimentConfig) ->
         # Every sample is online: the teacher is needed anyway, and declares its specs. A
         # store is still opened for its statistics when the maps are normalised.
         if teacher.normalize and teacher.feature_path:
-            store = _open_store(key, teacher, registry_name, config)
+            store = _open_store(key, teacher, registry_name, config, missing_ok=True)
+            if store is None or len(store) == 0:
+                raise ConfigError(
+                    f"teachers.{key}.normalize standardises with the statistics of the store at "
+                    f"'{teacher.feature_path}', which holds none; extract it first, or set normalize: false"
+                )
         prebuilt = build_teacher_from_config(key, teacher, features=teacher.features)
         specs = dict(prebuilt.feature_specs)
     return TeacherPlan(key, registry_name, teacher, specs, ratio, store, prebuilt)

@@ -63,7 +63,9 @@ SHARDS_DIR = "shards"
 LOCK_NAME = ".extract.lock"
 RECORD_SUFFIX = ".json"
 _SHARD_NAME = re.compile(r"^rank(\d+)-(\d+)$")
-_FEATURE_NAME = re.compile(r"^[A-Za-z0-9_]+$")
+# Letters, digits and '_' in dot-separated parts (a model's named maps: ``backbone.p4``,
+# ``detection.cls_p3``); not ending in ``.scale``, which names the int8 codec's scale files.
+_FEATURE_NAME = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
 MAX_LISTED_PROBLEMS = 10
 REBUILD_HINT = (
     "re-run the extraction with the same command: it drops damaged shards and recomputes "
@@ -192,8 +194,11 @@ class StoreHeader:
     def __post_init__(self) -> None:
         get_codec(self.codec)
         for name in self.specs:
-            if not _FEATURE_NAME.match(name):
-                raise ValueError(f"feature name '{name}' must be letters, digits and '_' (it names files)")
+            if not _FEATURE_NAME.match(name) or name.endswith(".scale"):
+                raise ValueError(
+                    f"feature name '{name}' must be letters, digits and '_', in parts joined by '.', "
+                    "and not end in '.scale' (it names files)"
+                )
 
     @property
     def fingerprint(self) -> str:

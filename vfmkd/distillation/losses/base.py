@@ -113,6 +113,8 @@ class FeatureLoss(nn.Module, abc.ABC):
             ``adapter: none`` with unequal channels. All others need identical shapes.
         uses_boxes: The loss reads ground-truth boxes from ``targets`` (``fgd``). It runs
             without them (unlabelled data), but its box terms are then 0.
+        needs_raw_teacher: The formula reads the teacher's values as they are (logits:
+            ``bce``), so a teacher with ``normalize: true`` is refused.
 
     Args:
         student_channels: Channels of the student map passed to ``forward``.
@@ -122,6 +124,7 @@ class FeatureLoss(nn.Module, abc.ABC):
     needs_spatial_map: ClassVar[bool] = False
     maps_channels: ClassVar[bool] = False
     uses_boxes: ClassVar[bool] = False
+    needs_raw_teacher: ClassVar[bool] = False
 
     def __init__(self, *, student_channels: int | None = None, teacher_channels: int | None = None) -> None:
         super().__init__()

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from vfmkd.models.backbones.yolov8 import ConvBNAct
-from vfmkd.models.heads.base import BaseHead, has_labels_mask, original_frames
+from vfmkd.models.heads.base import BaseHead, MapSpec, has_labels_mask, original_frames
 from vfmkd.models.heads.yolo_loss import YOLOv8DetectionLoss
 from vfmkd.ops.boxes import batched_nms, distance_to_bbox, make_anchors
 from vfmkd.registry import HEADS
@@ -133,6 +133,16 @@ class YOLOHead(BaseHead):
         for box_branch, class_branch, stride in zip(self.box_branches, self.class_branches, self.strides):
             box_branch[-1].bias.fill_(1.0)
             class_branch[-1].bias.fill_(math.log(5 / self.num_classes / (640 / stride) ** 2))
+
+    @property
+    def map_specs(self) -> dict[str, MapSpec]:
+        """Each level's class logits, ``cls_<level>``: the teacher's scores a student can learn
+        from on unlabelled images (response distillation, e.g. with ``bce``)."""
+        return {f"cls_{level}": (self.num_classes, stride) for level, stride in zip(self.in_features, self.strides)}
+
+    def named_maps(self, outputs: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        box_channels = 4 * self.reg_max
+        return {f"cls_{level}": output[:, box_channels:] for level, output in zip(self.in_features, outputs)}
 
     def forward(self, features: Mapping[str, torch.Tensor], **inputs: Any) -> list[torch.Tensor]:
         """Run both branches on every level.
