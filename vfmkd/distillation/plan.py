@@ -177,19 +177,8 @@ def plan_distillation(
         for level in levels:
             if level not in student_dims:
                 raise ConfigError(f"{where}.student: the student has no map '{level}' (maps: {', '.join(student_dims)})")
-            if loss_class.needs_raw_teacher and plan.config.normalize:
-                raise ConfigError(
-                    f"{where}: '{loss_type}' reads the teacher's raw logits, but teachers.{entry.teacher}.normalize "
-                    "standardises them; set normalize: false (or give these maps their own teacher entry)"
-                )
-            if spec.stride == 0 and entry.align_to == "teacher" and loss_class.needs_spatial_map:
-                raise ConfigError(f"{where}: '{loss_type}' needs a spatial map; '{feature}' is a global vector")
             adapter = entry.adapter or "conv1x1"
-            if adapter in ("none", "identity") and student_dims[level] != spec.channels and not loss_class.maps_channels:
-                raise ConfigError(
-                    f"{where}.adapter: '{adapter}' needs equal channels, but {level} has {student_dims[level]} "
-                    f"and {entry.teacher}.{feature} has {spec.channels}; use conv1x1, conv_norm_conv or mlp"
-                )
+            _check_pairing(where, entry, loss_type, plan, feature, level, student_dims[level], adapter)
             terms.append(
                 TermPlan(
                     name=f"distill/{entry.teacher}/{feature}<-{level}",
@@ -212,6 +201,26 @@ def plan_distillation(
     if duplicates:
         raise ConfigError(f"distillation.losses: the same pairing appears twice: {', '.join(duplicates)}")
     return teachers, terms
+
+
+def _check_pairing(
+    where: str, entry: Any, loss_type: str, plan: TeacherPlan, feature: str, level: str, channels: int, adapter: str
+) -> None:
+    """What the loss class declares it needs (:class:`~vfmkd.distillation.losses.FeatureLoss`), against this pair."""
+    loss_class = LOSSES.get(loss_type)
+    spec = plan.specs[feature]
+    if loss_class.needs_raw_teacher and plan.config.normalize:
+        raise ConfigError(
+            f"{where}: '{loss_type}' reads the teacher's raw logits, but teachers.{entry.teacher}.normalize "
+            "standardises them; set normalize: false (or give these maps their own teacher entry)"
+        )
+    if spec.stride == 0 and entry.align_to == "teacher" and loss_class.needs_spatial_map:
+        raise ConfigError(f"{where}: '{loss_type}' needs a spatial map; '{feature}' is a global vector")
+    if adapter in ("none", "identity") and channels != spec.channels and not loss_class.maps_channels:
+        raise ConfigError(
+            f"{where}.adapter: '{adapter}' needs equal channels, but {level} has {channels} "
+            f"and {entry.teacher}.{feature} has {spec.channels}; use conv1x1, conv_norm_conv or mlp"
+        )
 
 
 def _check_teacher_named(where: str, entry: Any, config: ExperimentConfig) -> None:
