@@ -138,7 +138,9 @@ def student_config(args: argparse.Namespace, cell: dict[str, Any], run_dir: Path
             "batch_size": args.batch,
             "num_workers": args.workers,
             "label_fraction": cell["fraction"],
-            "augment": {"mosaic": 0.5, "scale": 0.3},
+            # NOTE: close_mosaic counts epochs, and an epoch of a mixed set is many more steps than one
+            # of its labelled part: the default 10 would close mosaic early in the distillation runs only.
+            "augment": {"mosaic": 0.5, "scale": 0.3, "close_mosaic": args.close_mosaic},
         },
         "train": {
             "max_steps": args.steps,
@@ -388,6 +390,8 @@ def eval_config(args: argparse.Namespace) -> dict[str, Any]:
 def cell_spec(args: argparse.Namespace, cell: dict[str, Any]) -> dict[str, Any]:
     # NOTE: the settings in the folder name, so a finished run is reused only for the same settings.
     settings = f"{args.imgsz}px_{args.steps}steps_b{args.batch}_warm{args.warmup_steps}"
+    if not cell["kind"].startswith("ultralytics"):
+        settings += f"_cm{args.close_mosaic}"
     if cell["kind"].split("@")[0] in LOGIT_LOSSES:
         settings += f"_logits_w{args.logit_weight:g}_u{args.unlabeled_batch}"
     elif cell["kind"] not in ("plain", "ultralytics", "ultralytics_distill"):
@@ -475,6 +479,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--warmup-steps", type=int, default=30)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--close-mosaic", type=int, default=0,
+                        help="vfmkd runs: epochs without mosaic at the end (data.augment.close_mosaic)")
     parser.add_argument("--teacher-scale", default="s", choices=["s", "m"])
     parser.add_argument("--teacher-epochs", type=int, default=40)
     parser.add_argument("--teacher-threads", type=int, default=2)

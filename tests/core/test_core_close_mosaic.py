@@ -7,7 +7,7 @@ from vfmkd.datasets.synthetic import generate_synthetic_dataset
 
 
 @pytest.mark.slow
-def test_mosaic_closes_for_the_last_epochs(tmp_path, monkeypatch):
+def test_mosaic_closes_for_the_last_epochs(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("VFMKD_CACHE_DIR", str(tmp_path / "cache"))
     data_yaml = generate_synthetic_dataset(tmp_path / "shapes", num_train=4, num_val=2, seed=1)
     config = validate_config(
@@ -25,5 +25,17 @@ def test_mosaic_closes_for_the_last_epochs(tmp_path, monkeypatch):
             seen.append((self.epoch, self.train_dataset.transform.settings["mosaic"]))
 
     seen: list[tuple[int, float]] = []
-    build_trainer(config, trainer_class=Recording).train()
+    with caplog.at_level("WARNING", logger="vfmkd"):
+        build_trainer(config, trainer_class=Recording).train()
     assert seen == [(0, 1.0), (1, 1.0), (2, 0.0), (3, 0.0)]
+    assert "close_mosaic" not in caplog.text  # half the run: as meant
+
+    # Most of a run of few, long epochs without mosaic: said before training.
+    config.data.augment.close_mosaic = 3
+    config.train.epochs = 4
+    config.train.output_dir = str(tmp_path / "runs_long_close")
+    seen.clear()
+    with caplog.at_level("WARNING", logger="vfmkd"):
+        build_trainer(config, trainer_class=Recording).train()
+    assert seen[0] == (0, 1.0) and seen[1] == (1, 0.0)
+    assert "data.augment.close_mosaic is 3 epochs of this run's 4 (1 steps each): mosaic only in the first 1" in caplog.text

@@ -125,6 +125,18 @@ class CloseMosaicHook(Hook):
     def __init__(self, epochs: int) -> None:
         self.epochs = epochs
 
+    def before_train(self) -> None:
+        trainer = self.trainer
+        total_epochs = math.ceil(trainer.total_steps / trainer.steps_per_epoch)
+        if getattr(trainer.train_dataset, "mosaic_active", False) and self.epochs > total_epochs / 2:
+            # NOTE: a step-limited run over a large (e.g. mixed labelled + unlabelled) set has few,
+            # long epochs, where YOLOv8's 10 of 300 epochs become most of the run.
+            logger.warning(
+                "data.augment.close_mosaic is %d epochs of this run's %d (%d steps each): mosaic only in the "
+                "first %d epoch(s); lower it for a run of few, long epochs",
+                self.epochs, total_epochs, trainer.steps_per_epoch, max(total_epochs - self.epochs, 0),
+            )
+
     def before_epoch(self) -> None:
         trainer = self.trainer
         if not getattr(trainer.train_dataset, "mosaic_active", False):
