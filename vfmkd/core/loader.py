@@ -13,6 +13,7 @@ import contextlib
 import math
 import random
 import signal
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -134,9 +135,13 @@ def worker_failure(error: BaseException, iterator: Any = None) -> DataLoadingErr
         return None  # already a clear error of its own (a full disk, divergence, a config key)
     text = str(error)
     workers = getattr(iterator, "_workers", None) or []
-    # NOTE: SIGTERM is how the loader's own shutdown ends a worker that does not stop in time,
-    # which the clean-up after any error may do; it explains nothing.
-    dead = [worker for worker in workers if worker.exitcode not in (None, 0, -signal.SIGTERM)]
+    dead = _dead_workers(workers)
+    if not dead and workers and isinstance(error, (ConnectionError, EOFError)):
+        # NOTE: the broken pipe can arrive before the killed worker is reaped: give it a moment.
+        deadline = time.monotonic() + 2.0
+        while not dead and time.monotonic() < deadline:
+            time.sleep(0.05)
+            dead = _dead_workers(workers)
     if isinstance(error, DataLoadingError) and not dead:
         last = [line for line in text.splitlines() if line.strip()][-1] if text.strip() else text
         return DataLoadingError(last.split("DataLoadingError: ", 1)[-1])
@@ -149,6 +154,12 @@ def worker_failure(error: BaseException, iterator: Any = None) -> DataLoadingErr
             "data.num_workers or data.batch_size, or turn off data.cache_images; resume with --resume."
         )
     return None
+
+
+def _dead_workers(workers: list[Any]) -> list[Any]:
+    # NOTE: SIGTERM is how the loader's own shutdown ends a worker that does not stop in time,
+    # which the clean-up after any error may do; it explains nothing.
+    return [worker for worker in workers if worker.exitcode not in (None, 0, -signal.SIGTERM)]
 
 
 def _signal_name(number: int) -> str:
