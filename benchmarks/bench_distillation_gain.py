@@ -10,7 +10,8 @@ On the built-in ``shapes`` data (generated with a fixed seed at ``--train-images
 2. **Store.** ``vfmkd features extract`` writes the teacher's p3 / p4 / p5 for every
    training image (timed on its own: *extraction*).
 3. **Students.** YOLOv8n for ``--steps`` optimizer steps at each label share
-   (``--fractions``: ``data.label_fraction``, the kept images drawn with the run's seed),
+   (``--fractions``: ``data.label_fraction``, the kept images drawn with the run's seed, or
+   with ``--label-seed`` for every run: ``data.label_seed``),
    per seed (``--seeds``):
 
    - ``no distillation``: the labelled images only;
@@ -138,6 +139,7 @@ def student_config(args: argparse.Namespace, cell: dict[str, Any], run_dir: Path
             "batch_size": args.batch,
             "num_workers": args.workers,
             "label_fraction": cell["fraction"],
+            "label_seed": args.label_seed,
             # NOTE: close_mosaic counts epochs, and an epoch of a mixed set is many more steps than one
             # of its labelled part: the default 10 would close mosaic early in the distillation runs only.
             "augment": {"mosaic": 0.5, "scale": 0.3, "close_mosaic": args.close_mosaic},
@@ -335,6 +337,7 @@ def labelled_list(args: argparse.Namespace, fraction: float, seed: int) -> Path:
     folder = args.data_yaml.parent
     data = validate_config(student_config(args, {"name": "x", "kind": "plain", "fraction": 1.0, "seed": seed},
                                           args.dir)).data
+    seed = seed if args.label_seed is None else args.label_seed
     labelled, _ = split_labels(build_dataset(data, "train", train=False), fraction, seed)
     listing = folder / f"train_f{fraction:g}_s{seed}.txt"
     listing.write_text("".join(f"{record.path}\n" for record in labelled.records))
@@ -390,6 +393,8 @@ def eval_config(args: argparse.Namespace) -> dict[str, Any]:
 def cell_spec(args: argparse.Namespace, cell: dict[str, Any]) -> dict[str, Any]:
     # NOTE: the settings in the folder name, so a finished run is reused only for the same settings.
     settings = f"{args.imgsz}px_{args.steps}steps_b{args.batch}_warm{args.warmup_steps}"
+    if args.label_seed is not None and cell["fraction"] < 1.0:
+        settings += f"_labels{args.label_seed}"
     if not cell["kind"].startswith("ultralytics"):
         settings += f"_cm{args.close_mosaic}"
     if cell["kind"].split("@")[0] in LOGIT_LOSSES:
@@ -486,6 +491,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--teacher-threads", type=int, default=2)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 1.0])
+    parser.add_argument("--label-seed", type=int,
+                        help="draw the labelled images with this seed in every run (default: each run's seed)")
     parser.add_argument("--losses", nargs="+", default=["mse", "cwd", "bce"])
     parser.add_argument("--unlabeled-batch", type=int, default=8,
                         help="unlabelled images added to each batch of the distillation runs with partial labels")

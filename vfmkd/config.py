@@ -145,8 +145,9 @@ class DataConfig(_Strict):
     unlabelled samples in each batch of ``batch_size`` (None: the natural proportion), or
     ``unlabeled_batch_size``: unlabelled samples added to each batch of ``batch_size``
     labelled ones (at most one of the two); ``label_fraction``:
-    keep the labels of only that share of the labelled set, chosen with ``train.seed``
-    (see :mod:`vfmkd.datasets.mixed`)."""
+    keep the labels of only that share of the labelled set, chosen with ``train.seed``, or
+    with ``label_seed`` when set (the same labelled images for runs of different seeds; see
+    :mod:`vfmkd.datasets.mixed`)."""
 
     dataset: str = "shapes"
     images: str | None = None
@@ -162,6 +163,7 @@ class DataConfig(_Strict):
     unlabeled_ratio: float | None = Field(default=None, gt=0.0, lt=1.0)
     unlabeled_batch_size: int | None = Field(default=None, ge=1)
     label_fraction: float = Field(default=1.0, gt=0.0, le=1.0)
+    label_seed: int | None = None
 
     @field_validator("unlabeled", mode="before")
     @classmethod

@@ -65,6 +65,12 @@ def test_label_fraction_keeps_that_many_labels_reproducibly(synthetic_data_yaml,
             for s in range(6)
         }
         assert len(others) > 1  # the seed chooses which images keep labels
+        fixed = {
+            tuple(build_train_dataset(_data(synthetic_data_yaml, label_fraction=fraction, label_seed=3), "train",
+                                      seed=s).ids)
+            for s in range(6)
+        }
+        assert len(fixed) == 1  # ... unless data.label_seed fixes them
 
 
 def test_unlabeled_ids_that_collide_are_refused(synthetic_data_yaml):

@@ -271,7 +271,7 @@ def build_train_dataset(data_cfg: Any, split: str, *, train: bool = True, seed: 
             :func:`~vfmkd.datasets.build_dataset`.
         split: the labelled split (unlabelled data sets give the same split name).
         train: training augmentation or letterbox only (extraction).
-        seed: chooses which images keep their labels.
+        seed: chooses which images keep their labels, unless ``data.label_seed`` is set.
 
     Returns:
         The labelled data set alone, or a :class:`MixedDataset`.
@@ -282,6 +282,8 @@ def build_train_dataset(data_cfg: Any, split: str, *, train: bool = True, seed: 
     unlabeled: list[ImageDataset] = []
     fraction = float(config_value(data_cfg, "label_fraction", 1.0) or 1.0)
     if fraction < 1.0:
+        label_seed = config_value(data_cfg, "label_seed", None)
+        seed = seed if label_seed is None else int(label_seed)
         labeled, rest = split_labels(labeled, fraction, seed, cache_images=_part_options(data_cfg)["cache_images"])
         if rest is not None:
             unlabeled.append(rest)
