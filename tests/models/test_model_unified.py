@@ -37,9 +37,13 @@ def test_forward_loss_predict_interfaces() -> None:
     outputs = model(torch.rand(2, 3, 64, 64))
     assert set(outputs) == {"features", "maps", "detection"}
     assert model.map_strides == {
-        "p3": 8, "p4": 16, "p5": 32, "backbone.p3": 8, "backbone.p4": 16, "backbone.p5": 32
+        "p3": 8, "p4": 16, "p5": 32, "backbone.p3": 8, "backbone.p4": 16, "backbone.p5": 32,
+        "detection.cls_p3": 8, "detection.cls_p4": 16, "detection.cls_p5": 32,
     }
     assert model.map_dims["backbone.p5"] == 256 and model.map_dims["p3"] == 64
+    assert model.map_dims["detection.cls_p4"] == 5
+    # The head's class-logit maps are the class part of its raw outputs.
+    assert torch.equal(outputs["maps"]["detection.cls_p4"], outputs["detection"][1][:, -5:])
     assert {k: v.shape[1] for k, v in outputs["maps"].items()} == model.map_dims
     assert outputs["maps"]["p4"] is outputs["features"]["p4"]
     assert {k: tuple(v.shape) for k, v in outputs["features"].items()} == {
