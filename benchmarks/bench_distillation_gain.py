@@ -331,14 +331,15 @@ def prepare_data(args: argparse.Namespace) -> Path:
 def labelled_list(args: argparse.Namespace, fraction: float, seed: int) -> Path:
     """Ultralytics' data yaml for the images vfmkd keeps the labels of at ``fraction`` / ``seed``."""
     from vfmkd.config import validate_config
-    from vfmkd.datasets import build_dataset
-    from vfmkd.datasets.mixed import split_labels
+    from vfmkd.datasets.mixed import MixedDataset, build_train_dataset
 
     folder = args.data_yaml.parent
-    data = validate_config(student_config(args, {"name": "x", "kind": "plain", "fraction": 1.0, "seed": seed},
+    data = validate_config(student_config(args, {"name": "x", "kind": "plain", "fraction": fraction, "seed": seed},
                                           args.dir)).data
+    # NOTE: vfmkd's own choice (label_fraction with the seed, or label_seed), not a copy of it.
+    training = build_train_dataset(data, "train", train=False, seed=seed)
+    labelled = training.parts[0] if isinstance(training, MixedDataset) else training
     seed = seed if args.label_seed is None else args.label_seed
-    labelled, _ = split_labels(build_dataset(data, "train", train=False), fraction, seed)
     listing = folder / f"train_f{fraction:g}_s{seed}.txt"
     listing.write_text("".join(f"{record.path}\n" for record in labelled.records))
     names = yaml.safe_load(args.data_yaml.read_text())["names"]
