@@ -227,7 +227,7 @@ def run_vfmkd_cell(spec: dict[str, Any]) -> dict[str, Any]:
     trainer.hooks = [hook for hook in trainer.hooks if not isinstance(hook, EvalHook)]
     trainer.train()
     seconds = TimedTrainer.end - TimedTrainer.start
-    metrics = evaluate_checkpoint(trainer.last_path, spec)
+    metrics = evaluate_checkpoint(trainer.last_path, spec) if spec.get("evaluate", True) else {}
     return {"seconds": seconds, "steps": trainer.step, **metrics}
 
 
@@ -302,7 +302,8 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
         (out / "worker.log").write_text(process.stdout + process.stderr)
         raise RuntimeError(f"run {spec['name']} failed; see {out / 'worker.log'}:\n{process.stderr[-3000:]}")
     result = json.loads(result_file.read_text())
-    print(f"  {spec['name']}: mAP50-95 {result['map50_95']:.4f}, {result['seconds']:.0f} s training "
+    score = f"mAP50-95 {result['map50_95']:.4f}, " if "map50_95" in result else ""
+    print(f"  {spec['name']}: {score}{result['seconds']:.1f} s training "
           f"({time.perf_counter() - started:.0f} s in all)", flush=True)
     return result
 
@@ -398,12 +399,15 @@ def cell_spec(args: argparse.Namespace, cell: dict[str, Any]) -> dict[str, Any]:
         settings += f"_labels{args.label_seed}"
     if not cell["kind"].startswith("ultralytics"):
         settings += f"_cm{args.close_mosaic}"
+    if getattr(args, "timing", False):
+        settings += "_timing"
     if cell["kind"].split("@")[0] in LOGIT_LOSSES:
         settings += f"_logits_w{args.logit_weight:g}_u{args.unlabeled_batch}"
     elif cell["kind"] not in ("plain", "ultralytics", "ultralytics_distill"):
         settings += f"_w{args.weight:g}_{'norm' if args.normalize else 'raw'}_u{args.unlabeled_batch}"
     out = args.dir / "runs" / settings / cell["name"]
-    spec = {**cell, "out": str(out), "threads": args.threads, "eval_config": eval_config(args)}
+    spec = {**cell, "out": str(out), "threads": args.threads, "eval_config": eval_config(args),
+            "evaluate": not getattr(args, "timing", False)}
     if cell["kind"].startswith("ultralytics"):
         labelled = math.ceil(round(cell["fraction"] * args.train_images) / args.batch)
         spec["ultralytics"] = {
@@ -416,6 +420,22 @@ def cell_spec(args: argparse.Namespace, cell: dict[str, Any]) -> dict[str, Any]:
     else:
         spec["config"] = student_config(args, cell, out)
     return spec
+
+
+def time_offline(args: argparse.Namespace) -> dict[str, Any]:
+    """What the store costs: ``plain`` and ``<first loss>@1.0`` (all offline) at 100% labels
+    for ``--time-steps`` steps, one run at a time on an otherwise idle machine, alternated
+    ``--time-repeats`` times; training seconds per run (no evaluation) and their ratio."""
+    timing = argparse.Namespace(**{**vars(args), "steps": args.time_steps, "timing": True})
+    kinds = ("plain", f"{args.losses[0]}@1.0")
+    seconds: dict[str, list[float]] = {kind: [] for kind in kinds}
+    for repeat in range(args.time_repeats):
+        for kind in kinds:
+            cell = {"kind": kind, "fraction": 1.0, "seed": 0, "name": f"{cell_name(kind, 1.0, 0)}_r{repeat}"}
+            seconds[kind].append(run_cell(cell_spec(timing, cell))["seconds"])
+    plain, offline = (statistics.fmean(seconds[kind]) for kind in kinds)
+    return {"steps": args.time_steps, "repeats": args.time_repeats, "threads": args.threads,
+            "seconds": seconds, "plain_mean": plain, "offline_mean": offline, "ratio": offline / plain}
 
 
 # ----------------------------------------------------------------------------- report
@@ -509,6 +529,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--table-only", action="store_true",
                         help="run nothing: the table of the finished runs in --dir for these settings")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "distillation_gain.json")
+    parser.add_argument("--time-steps", type=int,
+                        help="instead of the table: time plain against all-offline <first loss> at 100%% labels "
+                             "for this many steps, one run at a time (writes --time-out)")
+    parser.add_argument("--time-repeats", type=int, default=2)
+    parser.add_argument("--time-out", type=Path, default=ROOT / "benchmarks" / "results" / "distillation_time.json")
     return parser.parse_args(argv)
 
 
@@ -525,6 +550,14 @@ def main() -> None:
     args.store = args.dir / f"store_{args.teacher_state_dict.parent.name}_{args.imgsz}_neck_and_logits"
     extraction = extract_store(args)
     print(f"extraction: {extraction:.1f} s for {args.train_images} images", flush=True)
+    if args.time_steps:
+        timing = time_offline(args)
+        print(f"{args.time_steps} steps, one run at a time: plain {timing['plain_mean']:.1f} s, "
+              f"{args.losses[0]} all offline {timing['offline_mean']:.1f} s: {timing['ratio']:.3f}x")
+        args.time_out.parent.mkdir(parents=True, exist_ok=True)
+        args.time_out.write_text(json.dumps({**timing, "processor": platform.processor() or platform.machine(),
+                                             "imgsz": args.imgsz, "batch": args.batch}, indent=2))
+        return
     cells = plan_cells(args)
     specs = [cell_spec(args, cell) for cell in cells]
     if args.table_only:

@@ -29,6 +29,7 @@ Box = tuple[float, float, float, float]
 __all__ = [
     "Box",
     "Frame",
+    "FrameWarp",
     "as_matrix3",
     "compose_matrices",
     "hflip_matrix",
@@ -233,6 +234,11 @@ class Frame:
         return transform_boxes(self.inverse_matrix(), boxes)
 
     @property
+    def mirrored(self) -> bool:
+        """Whether the input shows the original mirrored (the map reverses orientation: an odd number of flips)."""
+        return float(np.linalg.det(self.matrix[:, :2])) < 0.0
+
+    @property
     def valid_area(self) -> float:
         """Area in input pixels of the valid region."""
         return max(self.valid[2] - self.valid[0], 0.0) * max(self.valid[3] - self.valid[1], 0.0)
@@ -344,51 +350,100 @@ def longest_side_frame(src_hw: tuple[int, int], long_side: int) -> Frame:
 
 
 # --------------------------------------------------------------------------- feature warping
-def _sampling_grid(
-    src_frames: Sequence[Frame],
-    src_stride: float,
-    src_grid_hw: tuple[int, int],
-    dst_frames: Sequence[Frame],
-    dst_size: tuple[int, int],
-    dst_stride: float,
-    device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised ``grid_sample`` coordinates ``[B, Hd, Wd, 2]`` and validity ``[B, 1, Hd, Wd]``."""
-    # Composed maps, dst input px -> original px -> src input px, in float64.
-    maps = np.stack(
-        [
-            compose_matrices(dst.inverse_matrix(), src.matrix)
-            for src, dst in zip(src_frames, dst_frames, strict=True)
-        ]
-    )  # [B, 2, 3]
-    src_valid = np.array([frame.valid for frame in src_frames], dtype=np.float64)  # [B, 4]
-    dst_valid = np.array([frame.valid for frame in dst_frames], dtype=np.float64)
-    dst_h, dst_w = dst_size
-    maps_t = torch.from_numpy(maps).to(device)
-    src_valid_t = torch.from_numpy(src_valid).to(device)[:, :, None, None]  # [B, 4, 1, 1]
-    dst_valid_t = torch.from_numpy(dst_valid).to(device)[:, :, None, None]
-    xs = ((torch.arange(dst_w, device=device, dtype=torch.float64) + 0.5) * dst_stride)[None, None, :]
-    ys = ((torch.arange(dst_h, device=device, dtype=torch.float64) + 0.5) * dst_stride)[None, :, None]
-    affine = maps_t[:, :, :, None, None]  # [B, 2, 3, 1, 1]
-    src_x = affine[:, 0, 0] * xs + affine[:, 0, 1] * ys + affine[:, 0, 2]  # [B, Hd, Wd]
-    src_y = affine[:, 1, 0] * xs + affine[:, 1, 1] * ys + affine[:, 1, 2]
-    valid = (
-        (src_x >= src_valid_t[:, 0])
-        & (src_x < src_valid_t[:, 2])
-        & (src_y >= src_valid_t[:, 1])
-        & (src_y < src_valid_t[:, 3])
-        & (xs >= dst_valid_t[:, 0])
-        & (xs < dst_valid_t[:, 2])
-        & (ys >= dst_valid_t[:, 1])
-        & (ys < dst_valid_t[:, 3])
-    )
-    # align_corners=False: normalised -1 and 1 are the outer edges of the source grid.
-    src_grid_h, src_grid_w = src_grid_hw
-    grid = torch.stack(
-        [src_x * (2.0 / (src_stride * src_grid_w)) - 1.0, src_y * (2.0 / (src_stride * src_grid_h)) - 1.0],
-        dim=-1,
-    )
-    return grid, valid[:, None]
+class FrameWarp:
+    """Resampling from B maps' own frames into B target frames, composed once for any grid.
+
+    The per-map affine chains (target input px -> original px -> source input px) and valid
+    regions are computed once, so the levels of one batch (p3, p4, p5, ...) share them;
+    :meth:`warp` then samples one level with one ``grid_sample`` call.
+
+    Args:
+        src_frames: B frames of the maps (e.g. a teacher's preprocessing).
+        dst_frames: B target frames (e.g. the augmented student input; one mosaic tile's
+            frame for a tile).
+        device: where the sampling grids are built.
+    """
+
+    def __init__(self, src_frames: Sequence[Frame], dst_frames: Sequence[Frame], device: torch.device) -> None:
+        if len(src_frames) != len(dst_frames):
+            raise ValueError(
+                f"need one target frame per source frame: {len(src_frames)} source frames, "
+                f"{len(dst_frames)} target frames"
+            )
+        self.count = len(src_frames)
+        if self.count:
+            # Composed in float64: dst input px -> original px -> src input px.
+            src = np.stack([as_matrix3(frame.matrix) for frame in src_frames])
+            dst = np.stack([as_matrix3(frame.matrix) for frame in dst_frames])
+            maps = (src @ np.linalg.inv(dst))[:, :2]  # [B, 2, 3]
+        else:
+            maps = np.zeros((0, 2, 3))
+        self.device = device
+        self._affine = torch.from_numpy(np.ascontiguousarray(maps)).to(device)[:, :, :, None, None]  # [B, 2, 3, 1, 1]
+        valid = np.array([frame.valid for frame in src_frames] + [frame.valid for frame in dst_frames], dtype=np.float64)
+        valid_t = torch.from_numpy(valid.reshape(2, self.count, 4)).to(device)[..., None, None]
+        self._src_valid, self._dst_valid = valid_t[0], valid_t[1]  # [B, 4, 1, 1] each
+
+    def grid(
+        self, src_stride: float, src_grid_hw: tuple[int, int], dst_size: tuple[int, int], dst_stride: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised ``grid_sample`` coordinates ``[B, Hd, Wd, 2]`` and validity ``[B, 1, Hd, Wd]``."""
+        dst_h, dst_w = dst_size
+        xs = ((torch.arange(dst_w, device=self.device, dtype=torch.float64) + 0.5) * dst_stride)[None, None, :]
+        ys = ((torch.arange(dst_h, device=self.device, dtype=torch.float64) + 0.5) * dst_stride)[None, :, None]
+        affine, src_valid, dst_valid = self._affine, self._src_valid, self._dst_valid
+        src_x = affine[:, 0, 0] * xs + affine[:, 0, 1] * ys + affine[:, 0, 2]  # [B, Hd, Wd]
+        src_y = affine[:, 1, 0] * xs + affine[:, 1, 1] * ys + affine[:, 1, 2]
+        valid = (
+            (src_x >= src_valid[:, 0])
+            & (src_x < src_valid[:, 2])
+            & (src_y >= src_valid[:, 1])
+            & (src_y < src_valid[:, 3])
+            & (xs >= dst_valid[:, 0])
+            & (xs < dst_valid[:, 2])
+            & (ys >= dst_valid[:, 1])
+            & (ys < dst_valid[:, 3])
+        )
+        # align_corners=False: normalised -1 and 1 are the outer edges of the source grid.
+        src_grid_h, src_grid_w = src_grid_hw
+        grid = torch.stack(
+            [src_x * (2.0 / (src_stride * src_grid_w)) - 1.0, src_y * (2.0 / (src_stride * src_grid_h)) - 1.0],
+            dim=-1,
+        )
+        return grid, valid[:, None]
+
+    def warp(
+        self,
+        features: torch.Tensor,
+        src_stride: float,
+        dst_size: tuple[int, int],
+        dst_stride: float,
+        mode: str = "bilinear",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Resample ``[B, C, Hs, Ws]`` maps at ``src_stride`` onto the target grid; see :func:`warp_features_batch`."""
+        if features.dim() != 4:
+            raise ValueError(f"features must be [B, C, H, W], got shape {tuple(features.shape)}")
+        if features.shape[0] != self.count:
+            raise ValueError(
+                f"need one source and one target frame per map: {features.shape[0]} maps, "
+                f"{self.count} frame pairs"
+            )
+        dst_size = (int(dst_size[0]), int(dst_size[1]))
+        grid, valid = self.grid(src_stride, tuple(features.shape[-2:]), dst_size, dst_stride)
+        compute_dtype = features.dtype
+        if compute_dtype not in (torch.float32, torch.float64) and (
+            features.device.type == "cpu" or compute_dtype not in (torch.float16, torch.bfloat16)
+        ):
+            # NOTE: grid_sample has no CPU half kernels; compute in float32 and cast back.
+            compute_dtype = torch.float32
+        warped = F.grid_sample(
+            features.to(compute_dtype),
+            grid.to(compute_dtype),
+            mode=mode,
+            padding_mode="border",
+            align_corners=False,
+        )
+        return warped.to(features.dtype), valid
 
 
 def warp_features_batch(
@@ -406,7 +461,8 @@ def warp_features_batch(
     target-input pixels) is mapped back to the original image through ``dst_frames[b]``,
     forward into the source input through ``src_frames[b]``, and sampled from the source
     grid (cell ``k`` covers source-input pixels ``[k * src_stride, (k + 1) * src_stride)``).
-    All samples go through one ``grid_sample`` call.
+    All samples go through one ``grid_sample`` call; several levels of one batch share
+    their frame chains through :class:`FrameWarp`.
 
     Args:
         features: ``[B, C, Hs, Ws]`` maps, each in the frame ``src_frames[b]`` at stride
@@ -431,24 +487,7 @@ def warp_features_batch(
             f"need one source and one target frame per map: {features.shape[0]} maps, "
             f"{len(src_frames)} source frames, {len(dst_frames)} target frames"
         )
-    dst_size = (int(dst_size[0]), int(dst_size[1]))
-    grid, valid = _sampling_grid(
-        src_frames, src_stride, tuple(features.shape[-2:]), dst_frames, dst_size, dst_stride, features.device
-    )
-    compute_dtype = features.dtype
-    if compute_dtype not in (torch.float32, torch.float64) and (
-        features.device.type == "cpu" or compute_dtype not in (torch.float16, torch.bfloat16)
-    ):
-        # NOTE: grid_sample has no CPU half kernels; compute in float32 and cast back.
-        compute_dtype = torch.float32
-    warped = F.grid_sample(
-        features.to(compute_dtype),
-        grid.to(compute_dtype),
-        mode=mode,
-        padding_mode="border",
-        align_corners=False,
-    )
-    return warped.to(features.dtype), valid
+    return FrameWarp(src_frames, dst_frames, features.device).warp(features, src_stride, dst_size, dst_stride, mode)
 
 
 def warp_features(

@@ -86,7 +86,9 @@ def _compare(teacher, batch, student_frames=None):
     record = batch["teacher_offline"]["probe"]
     if student_frames is not None:
         record = {**record, "student_frames": student_frames}
-    rows, offline, offline_valid = offline_features(record, "embed", STRIDE, grid, STRIDE, len(images), images.device)
+    rows, [(offline, offline_valid)] = offline_features(
+        record, [("embed", STRIDE, grid, STRIDE)], len(images), images.device
+    )
     online, online_valid = online_features(teacher, images, batch["frames"], [("embed", grid, STRIDE)])[
         ("embed", grid, STRIDE)
     ]

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 
 from vfmkd.datasets.collate import collate_samples
 from vfmkd.features.store import FeatureStore
-from vfmkd.geometry import Frame, merge_tiles, warp_features_batch
+from vfmkd.geometry import Frame, FrameWarp, merge_tiles, warp_features_batch
 
 OFFLINE_KEY = "teacher_offline"
 WRITE_BACK_KEY = "teacher_write_back"
@@ -238,42 +238,52 @@ def collate_with_teacher_features(
 
 def offline_features(
     record: dict[str, Any],
-    feature: str,
-    teacher_stride: int,
-    grid: tuple[int, int],
-    grid_stride: float,
+    requests: Sequence[tuple[str, int, tuple[int, int], float]],
     batch_size: int,
     device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Warp one teacher's cached maps into the student's frame, on the student's grid.
+) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Warp one teacher's cached maps into the student's frame, on the student's grids.
 
     Each record (a source image of a sample) is warped through its own frames (teacher
     frame -> original image -> student frame) and records of one sample (mosaic tiles) are
-    merged; global vectors (stride 0) are averaged over the sample's records.
+    merged; global vectors (stride 0) are averaged over the sample's records. The frame
+    chains are composed once for all requests.
+
+    Args:
+        record: the teacher's entry of the batch's ``teacher_offline``.
+        requests: ``(feature, teacher stride, grid (Hg, Wg), grid stride)`` per map.
+        batch_size: B, the batch's row count.
+        device: where the maps go.
 
     Returns:
         rows: int64 ``[B_off]`` batch rows served offline.
-        maps: ``[B_off, C, Hg, Wg]`` float32 (``[B_off, C, 1, 1]`` for global vectors).
-        valid: ``[B_off, 1, Hg, Wg]`` bool.
+        per request: ``[B_off, C, Hg, Wg]`` float32 maps (``[B_off, C, 1, 1]`` for global
+        vectors) and ``[B_off, 1, Hg, Wg]`` bool valid.
     """
     rows = record["samples"].to(device)
-    maps = record["features"][feature].to(device, non_blocking=True).float()
     tile_sample = record["tile_sample"].to(device)
     # Tiles index into the offline rows, not the whole batch.
     position = torch.full((batch_size,), -1, dtype=torch.int64, device=device)
     position[rows] = torch.arange(len(rows), device=device)
     tile_index = position[tile_sample]
-    if teacher_stride == 0:
-        merged = maps.new_zeros((len(rows), *maps.shape[1:]))
-        merged.index_add_(0, tile_index, maps)
-        counts = torch.bincount(tile_index, minlength=len(rows)).clamp(min=1)
-        valid = torch.ones((len(rows), 1, 1, 1), dtype=torch.bool, device=device)
-        return rows, merged / counts.view(-1, 1, 1, 1).to(merged.dtype), valid
-    warped, valid = warp_features_batch(
-        maps, record["teacher_frames"], teacher_stride, record["student_frames"], grid, grid_stride
-    )
-    merged, merged_valid = merge_tiles(warped, valid, tile_index, len(rows))
-    return rows, merged, merged_valid
+    # One record per offline sample (no mosaic): records are already in row order.
+    one_per_sample = len(record["tile_sample"]) == len(record["samples"])
+    warp = None
+    out = []
+    for feature, teacher_stride, grid, grid_stride in requests:
+        maps = record["features"][feature].to(device, non_blocking=True).float()
+        if teacher_stride == 0:
+            merged = maps.new_zeros((len(rows), *maps.shape[1:]))
+            merged.index_add_(0, tile_index, maps)
+            counts = torch.bincount(tile_index, minlength=len(rows)).clamp(min=1)
+            valid = torch.ones((len(rows), 1, 1, 1), dtype=torch.bool, device=device)
+            out.append((merged / counts.view(-1, 1, 1, 1).to(merged.dtype), valid))
+            continue
+        if warp is None:
+            warp = FrameWarp(record["teacher_frames"], record["student_frames"], device)
+        warped, valid = warp.warp(maps, teacher_stride, grid, grid_stride)
+        out.append((warped, valid) if one_per_sample else merge_tiles(warped, valid, tile_index, len(rows)))
+    return rows, out
 
 
 def student_input_region(frames: Sequence[Frame]) -> tuple[float, float, float, float]:

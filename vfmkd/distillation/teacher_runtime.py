@@ -49,6 +49,11 @@ __all__ = ["TeacherRuntime", "start_write_backs"]
 _PROBE_IMAGE = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
 
 
+def _grid_size(stride: int, height: int, width: int) -> tuple[int, int]:
+    """The student grid of a term at ``stride`` (1 x 1 for global vectors, stride 0)."""
+    return (1, 1) if stride == 0 else (height // stride, width // stride)
+
+
 class TeacherRuntime:
     """Teacher maps for the distillation terms, offline or online, and the write-back lifecycle.
 
@@ -155,30 +160,11 @@ class TeacherRuntime:
         offline = batch.get(OFFLINE_KEY, {})
         targets = {}
         for teacher, requests in needed.items():
-            spec_of = self.teacher_plans[teacher].specs
-            record = offline.get(teacher)
-            offline_rows = record["samples"].to(device) if record is not None else torch.zeros(0, dtype=torch.int64, device=device)
-            online_mask = torch.ones(batch_size, dtype=torch.bool, device=device)
-            online_mask[offline_rows] = False
-            online_rows = online_mask.nonzero().flatten()
-            results: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
-            for feature, grid_stride in requests:
-                grid = (1, 1) if grid_stride == 0 else (height // grid_stride, width // grid_stride)
-                channels = spec_of[feature].channels
-                maps = torch.zeros((batch_size, channels, *grid), dtype=torch.float32, device=device)
-                valid = torch.zeros((batch_size, 1, *grid), dtype=torch.bool, device=device)
-                if len(offline_rows):
-                    rows, warped, warped_valid = offline_features(
-                        record, feature, spec_of[feature].stride, grid, grid_stride, batch_size, device
-                    )
-                    maps[rows], valid[rows] = warped, warped_valid
-                results[(feature, grid_stride)] = (maps, valid)
+            grids = {request: _grid_size(request[1], height, width) for request in sorted(requests)}
+            results, online_rows = self._offline_targets(teacher, offline.get(teacher), grids, batch_size, device)
             if len(online_rows):
                 teacher_model = self.online_teacher(teacher, device)
-                requests_list = [
-                    (feature, (1, 1) if stride == 0 else (height // stride, width // stride), stride)
-                    for feature, stride in requests
-                ]
+                requests_list = [(feature, grid, stride) for (feature, stride), grid in grids.items()]
                 computed = online_features(
                     teacher_model,
                     images[online_rows],
@@ -196,6 +182,33 @@ class TeacherRuntime:
                 targets[(teacher, feature, stride)] = (maps, valid)
         return targets
 
+    def _offline_targets(
+        self,
+        teacher: str,
+        record: dict[str, Any] | None,
+        grids: dict[tuple[str, int], tuple[int, int]],
+        batch_size: int,
+        device: torch.device,
+    ) -> tuple[dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """Per (feature, grid stride): ``[B, C, Hg, Wg]`` maps and valid masks holding the
+        batch's offline rows (zeros elsewhere), and the rows left to the live teacher."""
+        spec_of = self.teacher_plans[teacher].specs
+        rows = record["samples"].to(device) if record is not None else torch.zeros(0, dtype=torch.int64, device=device)
+        warped: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if len(rows):
+            requests = [(feature, spec_of[feature].stride, grid, stride) for (feature, stride), grid in grids.items()]
+            rows, warped = offline_features(record, requests, batch_size, device)  # type: ignore[arg-type]
+        if len(rows) == batch_size:  # all offline: rows are 0..B-1 in order
+            return dict(zip(grids, warped)), rows[:0]
+        results = {}
+        for (feature, stride), grid in grids.items():
+            maps = torch.zeros((batch_size, spec_of[feature].channels, *grid), dtype=torch.float32, device=device)
+            results[(feature, stride)] = (maps, torch.zeros((batch_size, 1, *grid), dtype=torch.bool, device=device))
+        for request, (maps, valid) in zip(grids, warped):
+            results[request][0][rows], results[request][1][rows] = maps, valid
+        online = torch.ones(batch_size, dtype=torch.bool, device=device)
+        online[rows] = False
+        return results, online.nonzero().flatten()
 
     def _teacher_pass(
         self, key: str, teacher: Any, images: torch.Tensor, rows: torch.Tensor

@@ -14,11 +14,15 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import torch
+import torch.nn.functional as F
 
-from vfmkd.distillation.losses.base import FeatureLoss, masked_softmax, samples_with_content, valid_cell_count
+from vfmkd.distillation.losses.base import FeatureLoss, samples_with_content, valid_cell_count
 from vfmkd.registry import LOSSES
 
 __all__ = ["ChannelKLLoss", "ChannelWiseDistillationLoss"]
+
+# A softmax logit that float32 exp() turns into exactly 0 after any real logit is subtracted.
+_EXCLUDED = -1e30
 
 
 def _check_tau(name: str, tau: float) -> float:
@@ -132,8 +136,14 @@ class ChannelWiseDistillationLoss(FeatureLoss):
     ) -> torch.Tensor:
         """See :meth:`FeatureLoss.compute`."""
         channels = student.shape[1]
-        cell_mask = valid.flatten(2)  # [B, 1, H*W], broadcast over channels
-        log_student, _ = masked_softmax(student.flatten(2) / self.tau, cell_mask, dim=-1)
-        log_teacher, teacher_probabilities = masked_softmax(teacher.flatten(2) / self.tau, cell_mask, dim=-1)
-        divergence = (teacher_probabilities * (log_teacher - log_student)).sum()
+        # NOTE: invalid cells leave the softmax through a large negative bias rather than
+        # -inf masking (one add per map instead of several masked fills): their
+        # probabilities are exactly 0 in float32, so they add nothing to the value or the
+        # gradient. An all-padding sample has two equal (zero) maps, hence equal uniform
+        # distributions and a divergence of exactly 0.
+        bias = torch.zeros(valid.shape, dtype=student.dtype, device=student.device).masked_fill_(~valid, _EXCLUDED)
+        bias = bias.flatten(2)  # [B, 1, H*W], broadcast over channels
+        log_student = torch.log_softmax(student.flatten(2) / self.tau + bias, dim=-1)
+        log_teacher = torch.log_softmax(teacher.flatten(2) / self.tau + bias, dim=-1)
+        divergence = F.kl_div(log_student, log_teacher, reduction="sum", log_target=True)
         return divergence * self.tau**2 / (samples_with_content(valid) * channels)
