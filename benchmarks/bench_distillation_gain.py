@@ -8,7 +8,8 @@ On the built-in ``shapes`` data (generated with a fixed seed at ``--train-images
    checkpoint (``distill_model=`` needs one) and the plain state dict vfmkd loads as a
    ``name: vfmkd`` teacher. Both sides use identical weights.
 2. **Store.** ``vfmkd features extract`` writes the teacher's p3 / p4 / p5 for every
-   training image (timed on its own: *extraction*).
+   training image (timed on its own: *extraction*); with ``--fliplr`` also for its mirror
+   image, which offline samples the augmentation flipped read.
 3. **Students.** YOLOv8n for ``--steps`` optimizer steps at each label share
    (``--fractions``: ``data.label_fraction``, the kept images drawn with the run's seed, or
    with ``--label-seed`` for every run: ``data.label_seed``),
@@ -380,7 +381,7 @@ def extract_store(args: argparse.Namespace) -> float:
     started = time.perf_counter()
     subprocess.run(
         [sys.executable, "-m", "vfmkd", "features", "extract", "--config", str(config_file), "--teacher", TEACHER_KEY,
-         "--device", "cpu", "--num-workers", str(args.workers), "--no-progress"],
+         "--device", "cpu", "--num-workers", str(args.workers), "--no-progress", *(["--fliplr"] if args.fliplr else [])],
         check=True, env={**os.environ, "OMP_NUM_THREADS": str(args.teacher_threads)},
     )
     seconds = time.perf_counter() - started
@@ -405,6 +406,8 @@ def cell_spec(args: argparse.Namespace, cell: dict[str, Any]) -> dict[str, Any]:
         settings += f"_logits_w{args.logit_weight:g}_u{args.unlabeled_batch}"
     elif cell["kind"] not in ("plain", "ultralytics", "ultralytics_distill"):
         settings += f"_w{args.weight:g}_{'norm' if args.normalize else 'raw'}_u{args.unlabeled_batch}"
+    if args.fliplr and cell["kind"] not in ("plain", "ultralytics", "ultralytics_distill"):
+        settings += "_fliplr"
     out = args.dir / "runs" / settings / cell["name"]
     spec = {**cell, "out": str(out), "threads": args.threads, "eval_config": eval_config(args),
             "evaluate": not getattr(args, "timing", False)}
@@ -522,6 +525,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="weight of each level's term of the losses on class logits (bce)")
     parser.add_argument("--no-normalize", dest="normalize", action="store_false",
                         help="distil the raw teacher maps (default: standardised per channel)")
+    parser.add_argument("--fliplr", action="store_true",
+                        help="the store also holds each image mirrored (features extract --fliplr), read by "
+                             "flipped offline samples")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--skip-ultralytics", action="store_true")
@@ -548,6 +554,8 @@ def main() -> None:
     teacher = train_teacher(args)
     print(f"teacher mAP50-95 {teacher['map50_95']:.4f} (mAP50 {teacher['map50']:.4f}), {teacher['seconds']:.0f} s")
     args.store = args.dir / f"store_{args.teacher_state_dict.parent.name}_{args.imgsz}_neck_and_logits"
+    if args.fliplr:
+        args.store = args.store.with_name(args.store.name + "_fliplr")
     extraction = extract_store(args)
     print(f"extraction: {extraction:.1f} s for {args.train_images} images", flush=True)
     if args.time_steps:

@@ -4,7 +4,9 @@ The covariant probe (stride-16 average pool, then a fixed 1x1 conv) commutes wit
 resizing, flipping and shifting up to pooling-window and interpolation error, so on
 smooth images its cached features, warped through the composed frames, must agree with
 a live pass on the augmented image inside the valid region. A deliberately wrong frame
-(the flip forgotten) must not agree: the check can fail.
+(the flip forgotten) must not agree: the check can fail. A teacher that is not
+mirror-symmetric (``chiral``) matches on flipped samples only through the store's mirror
+images (``fliplr``).
 """
 
 from __future__ import annotations
@@ -69,6 +71,18 @@ AUGMENTATIONS = {
 TOLERANCE = {"letterbox": 0.02, "flip": 0.02, "scale_translate": 0.12, "mosaic": 0.15}
 
 
+@pytest.fixture(scope="module")
+def chiral_stores(store_and_folder, tmp_path_factory):
+    _, folder, _ = store_and_folder
+    root = tmp_path_factory.mktemp("chiral")
+    teacher = CovariantTeacher(image_size=IMG_SIZE, chiral=True)
+    dataset = build_dataset({"dataset": str(folder), "img_size": IMG_SIZE}, "train", train=False)
+    for name, fliplr in (("plain", False), ("fliplr", True)):
+        extract_features(teacher, dataset, root / name, batch_size=4, num_workers=0, progress=False,
+                         dtype="float32", split="train", fliplr=fliplr)
+    return teacher, root / "plain", root / "fliplr"
+
+
 def _batch(folder, store, augment, seed):
     no_colour = {"hsv_h": 0.0, "hsv_s": 0.0, "hsv_v": 0.0}
     config = {"dataset": str(folder), "img_size": IMG_SIZE}
@@ -117,3 +131,17 @@ def test_a_wrong_frame_is_caught(store_and_folder):
     ]
     assert isinstance(unflipped[0], Frame)
     assert _compare(teacher, batch, unflipped) > 0.5
+
+
+def test_flipped_samples_read_the_mirror_image_of_a_chiral_teacher(store_and_folder, chiral_stores):
+    _, folder, _ = store_and_folder
+    teacher, plain, fliplr = chiral_stores
+    # The gradient term is measured in input pixels, so a letterbox against the teacher's
+    # square resize already differs by the ratio of the scales: that is the floor.
+    floor = _compare(teacher, _batch(folder, fliplr, AUGMENTATIONS["letterbox"], 0))
+    for seed in range(2):
+        batch = _batch(folder, fliplr, AUGMENTATIONS["flip"], seed)
+        assert all(frame.mirrored for frame in batch["teacher_offline"]["probe"]["teacher_frames"])
+        assert _compare(teacher, batch) < floor + 0.05
+    # Without mirror images the warped maps of flipped samples are far off.
+    assert _compare(teacher, _batch(folder, plain, AUGMENTATIONS["flip"], 0)) > 3 * floor + 0.3

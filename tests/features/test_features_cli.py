@@ -54,6 +54,19 @@ def test_extract_info_verify(image_folder, tmp_path, capsys):
     assert "verify: OK" in report
 
 
+def test_extract_fliplr_then_info_and_verify(image_folder, tmp_path, capsys):
+    out = tmp_path / "store"
+    assert main(_extract_args(image_folder, out, "--limit", "3", "--fliplr")) == 0
+    store = FeatureStore.open(out)
+    own = [sample_id for sample_id in store.ids if not sample_id.endswith("#fliplr")]
+    assert len(own) == 3 and sorted(store.ids) == sorted(own + [f"{sample_id}#fliplr" for sample_id in own])
+    capsys.readouterr()
+    assert main(["features", "info", str(out)]) == 0
+    assert "6 of 6 requested (3 of them mirror images, --fliplr)" in capsys.readouterr().out
+    assert main(["features", "verify", str(out), "--num", "6"]) == 0
+    assert "frames equal: 6/6" in capsys.readouterr().out
+
+
 def test_verify_reports_damage_and_wrong_weights(image_folder, tmp_path, capsys):
     out = tmp_path / "store"
     assert main(_extract_args(image_folder, out, "--seed", "3")) == 0

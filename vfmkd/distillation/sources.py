@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from vfmkd.datasets.collate import collate_samples
+from vfmkd.features.format import mirrored_id
 from vfmkd.features.store import FeatureStore
 from vfmkd.geometry import Frame, FrameWarp, merge_tiles, warp_features_batch
 
@@ -138,16 +139,22 @@ class DistillationDataset(Dataset):
             ):
                 offline[plan.teacher] = None
                 continue
+            # A flipped source image reads its mirror image's record when the store has
+            # one (``features extract --fliplr``): a teacher's channels are rarely
+            # mirror-symmetric, so the flip cannot be left to the warp.
+            record_ids = [
+                _record_id(store, source_id, frame) for source_id, frame in zip(source_ids, sample["frames"])
+            ]
             # NOTE: maps travel as the store's float16 (copied straight from the memory
             # map, no decode); global vectors stay float32.
             spatial = [name for name in plan.features if store.specs[name].stride]
             vectors = [name for name in plan.features if not store.specs[name].stride]
-            maps = store.read_many(source_ids, spatial, dtype=np.float16) if spatial else {}
+            maps = store.read_many(record_ids, spatial, dtype=np.float16) if spatial else {}
             if vectors:
-                maps.update(store.read_many(source_ids, vectors))
+                maps.update(store.read_many(record_ids, vectors))
             offline[plan.teacher] = {
                 "features": {name: torch.from_numpy(maps[name]) for name in plan.features},
-                "frames": [store.frame(source_id) for source_id in source_ids],
+                "frames": [store.frame(record_id) for record_id in record_ids],
             }
         sample[OFFLINE_KEY] = offline
         if self._writes_back:
@@ -169,6 +176,16 @@ class DistillationDataset(Dataset):
             pixels, frame = plan.write_back(raw["image"])
             inputs[plan.teacher] = {"id": sample_id, "pixels": pixels, "frame": frame.to_dict()}
         return inputs
+
+
+def _record_id(store: FeatureStore, source_id: str, frame: Frame) -> str:
+    """The store record to read for a source image shown in ``frame``: its mirror image's
+    when the frame is mirrored and the store holds one, else its own."""
+    if frame.mirrored:
+        mirrored = mirrored_id(source_id)
+        if mirrored in store:
+            return mirrored
+    return source_id
 
 
 class TeacherFeatureCollate:

@@ -5,7 +5,8 @@
 - :mod:`vfmkd.features.store`: :class:`FeatureStore`, the reader;
 - :mod:`vfmkd.features.codecs`: float16 / bfloat16 / float32 / int8 storage;
 - :mod:`vfmkd.features.extract`: :func:`extract_features` (resumable, multi-rank);
-- :mod:`vfmkd.features.cli`: the ``vfmkd features extract | info | verify`` commands.
+- :mod:`vfmkd.features.cli`: the ``vfmkd features extract | info | verify`` commands
+  (:mod:`vfmkd.features.info`: the ``info`` table).
 """
 
 from vfmkd.features.codecs import CODEC_NAMES, Codec, get_codec

@@ -5,7 +5,8 @@
     vfmkd features extract --teacher NAME (--weights PATH | --random-init) --data DATA --out DIR
         [--split train] [--dtype float16|bfloat16|float32|int8] [--features embed,...]
         [--image-size N] [--timm-model NAME] [--unlabeled PATH ...] [--batch-size B] [--limit N]
-        [--num-workers N] [--device auto] [--seed S] [--shard-size N] [--verify-existing] [--no-progress]
+        [--num-workers N] [--device auto] [--seed S] [--shard-size N] [--verify-existing] [--fliplr]
+        [--no-progress]
     vfmkd features extract --config EXPERIMENT --teacher KEY [--split S] [--data DATA] [--out DIR] ...
     vfmkd features info DIR
     vfmkd features verify DIR [--num N] [--weights PATH] [--device auto]
@@ -29,12 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
-
 from vfmkd.config import ConfigError, ExperimentConfig, TeacherConfig, load_config, load_teacher_config
 from vfmkd.errors import run_with_user_errors
 from vfmkd.features.codecs import CODEC_NAMES
 from vfmkd.features.format import FeatureStoreError, StoreMismatchError, describe_differences
+from vfmkd.features.info import format_store_info
 from vfmkd.features.store import FeatureStore
 from vfmkd.teachers import build_teacher_from_config
 from vfmkd.utils.distributed import resolve_device
@@ -161,6 +161,7 @@ class ExtractionOptions:
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``.
         progress: show a progress bar.
         verify_existing: hash every committed shard before resuming.
+        fliplr: also store every image's mirror image (see :func:`~vfmkd.features.extract.extract_features`).
     """
 
     dtype: str = "float16"
@@ -171,6 +172,7 @@ class ExtractionOptions:
     device: str = "auto"
     progress: bool = True
     verify_existing: bool = False
+    fliplr: bool = False
 
 
 def extract_teacher_entry(
@@ -274,6 +276,7 @@ def _extract(
         split=split,
         build_args=build_args,
         verify_existing=options.verify_existing,
+        fliplr=options.fliplr,
     )
 
 
@@ -320,6 +323,10 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument(
         "--verify-existing", action="store_true",
         help="hash every committed shard before resuming (finds silently damaged shards)",
+    )
+    parser.add_argument(
+        "--fliplr", action="store_true",
+        help="also store each image mirrored left-right, for training samples the augmentation flips (2x time/size)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -389,6 +396,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         device=args.device,
         progress=not args.no_progress,
         verify_existing=args.verify_existing,
+        fliplr=args.fliplr,
     )
     try:
         if args.config:
@@ -450,48 +458,6 @@ def _extract_named_teacher(args: argparse.Namespace, options: ExtractionOptions)
 def _cmd_info(args: argparse.Namespace) -> int:
     _say(format_store_info(FeatureStore.open(args.dir)))
     return 0
-
-
-def format_store_info(store: FeatureStore) -> str:
-    """A store's manifest as a readable table."""
-    from vfmkd.features.codecs import get_codec
-
-    manifest = store.manifest
-    requested = manifest.get("requested_samples")
-    samples = f"{len(store)}"
-    if requested is not None:
-        samples += f" of {requested} requested" + ("" if store.is_complete else " (incomplete: re-run the extraction)")
-    random_init = bool(manifest.get("random_init"))
-    codec = get_codec(manifest["codec"])
-    fields = manifest["fingerprint_fields"]
-    lines = [
-        f"store        {store.path}",
-        f"teacher      {manifest['teacher']}",
-        f"fingerprint  {manifest['fingerprint']}",
-        f"weights      {manifest.get('weights_path') or '-'} (sha256 {str(fields.get('weights_sha256', '-'))[:16]})",
-        f"random init  {'YES: features of an untrained teacher, for tests only' if random_init else 'no'}",
-        f"codec        {codec.name}",
-        f"samples      {samples} in {manifest.get('num_shards', '?')} shard(s)",
-        f"data         {manifest.get('data_source')} (split {manifest.get('split')})",
-        f"created      {manifest.get('created')}   updated {manifest.get('updated')}",
-        "",
-    ]
-    header = ("feature", "shape CxHxW", "stride", "bytes/sample", "mean", "std")
-    rows = []
-    total = 0
-    for name, spec in store.specs.items():
-        mean, std = store.stats(name)
-        per_sample = codec.bytes_per_sample(spec.channels, spec.height, spec.width)
-        total += per_sample
-        shape = f"{spec.channels}x{spec.height}x{spec.width}"
-        average = [f"{float(np.mean(values)) if values.size else 0.0:.4g}" for values in (mean, std)]
-        rows.append((name, shape, str(spec.stride), f"{per_sample:,}", *average))
-    rows.append(("total", "", "", f"{total:,}", "", ""))
-    widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
-    for row in [header, *rows]:
-        lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
-    lines.append("(mean: mean of the channel means; std: mean of the channel stds)")
-    return "\n".join(lines)
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:

@@ -32,10 +32,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from vfmkd.utils.distributed import barrier, get_rank, get_world_size, resolve_device
 from vfmkd.features.codecs import get_codec
-from vfmkd.features.format import StoreCorruptError, StoreHeader, read_shard_records
+from vfmkd.features.format import StoreCorruptError, StoreHeader, mirrored_id, read_shard_records
 from vfmkd.features.store import FeatureStore
 from vfmkd.features.writer import ShardWriter, StoreLock, finalize_store, prepare_store_for_writing
-from vfmkd.geometry import Frame
+from vfmkd.geometry import Frame, hflip_matrix
 from vfmkd.teachers.base import BaseTeacher
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "cpu_preprocessor",
     "default_shard_size",
     "extract_features",
+    "teacher_input",
     "verify_against_teacher",
 ]
 
@@ -92,26 +93,47 @@ def cpu_preprocessor(teacher: BaseTeacher, probe: np.ndarray | None = None) -> P
     return light.preprocess_image if same else teacher.preprocess_image
 
 
-class _ExtractionSamples(Dataset):
-    """Samples to compute: ``(id, pixels [3, S, S], frame dict)``, or None when unreadable."""
+def teacher_input(image: np.ndarray, preprocess: Preprocessor, mirrored: bool = False) -> tuple[torch.Tensor, Frame]:
+    """The teacher's input for an original image, or for its left-right mirror image.
 
-    def __init__(self, dataset: Any, indices: Sequence[int], preprocess: Preprocessor) -> None:
+    A mirrored input's frame starts from the unmirrored original (the flip composed in
+    front of the preprocessing), so its maps warp into any student frame like the others.
+    Stores extracted with ``fliplr`` keep them under :func:`~vfmkd.features.format.mirrored_id`;
+    an offline training sample whose augmentation flipped it reads that record instead of
+    the unmirrored one, since a teacher's channels are rarely mirror-symmetric.
+    """
+    if not mirrored:
+        return preprocess(image)
+    height, width = image.shape[:2]
+    pixels, frame = preprocess(np.ascontiguousarray(image[:, ::-1]))
+    flip = Frame.identity(height, width).then(hflip_matrix(width), (height, width))
+    return pixels, flip.compose(frame)
+
+
+class _ExtractionSamples(Dataset):
+    """Samples to compute: ``(id, pixels [3, S, S], frame dict)``, or None when unreadable.
+
+    A job is ``(index, mirrored)``: a mirrored job stores the mirror image under
+    :func:`~vfmkd.features.format.mirrored_id`.
+    """
+
+    def __init__(self, dataset: Any, jobs: Sequence[tuple[int, bool]], preprocess: Preprocessor) -> None:
         self.dataset = dataset
-        self.indices = list(indices)
+        self.jobs = list(jobs)
         self.preprocess = preprocess
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.jobs)
 
     def __getitem__(self, position: int) -> tuple[str, torch.Tensor, dict[str, Any]] | None:
-        index = self.indices[position]
+        index, mirrored = self.jobs[position]
         expected_id = self.dataset.ids[index]
         raw = self.dataset.load_raw(index)
         if raw["id"] != expected_id:
             # load_raw substituted a readable image for an unreadable one: skip it.
             return None
-        pixels, frame = self.preprocess(raw["image"])
-        return expected_id, pixels, frame.to_dict()
+        pixels, frame = teacher_input(raw["image"], self.preprocess, mirrored)
+        return (mirrored_id(expected_id) if mirrored else expected_id), pixels, frame.to_dict()
 
 
 def _collate(
@@ -187,6 +209,7 @@ def extract_features(
     split: str | None = None,
     build_args: dict[str, Any] | None = None,
     verify_existing: bool = False,
+    fliplr: bool = False,
 ) -> FeatureStore:
     """Compute a teacher's features for a data set into a store (resumable).
 
@@ -208,6 +231,8 @@ def extract_features(
         split: the split name (for the manifest).
         build_args: how to rebuild the teacher (for ``features verify``).
         verify_existing: hash every committed shard before resuming.
+        fliplr: also store each image's mirror image (see :func:`teacher_input`), which
+            flipped training samples read; twice the time and size; a resume on a store without.
 
     Returns:
         The store, opened for reading.
@@ -230,7 +255,7 @@ def extract_features(
         data_source=data_source,
         data_resolved=data_resolved,
         build_args=dict(build_args or {}),
-        requested_samples=count,
+        requested_samples=count * (2 if fliplr else 1),
     )
     # One extraction per store: rank 0 holds the lock for the whole job.
     with StoreLock(root) if rank == 0 else contextlib.nullcontext():
@@ -240,11 +265,11 @@ def extract_features(
         _compute_missing_samples(
             teacher, dataset, root, header, sample_ids, count,
             rank=rank, world_size=world_size, device=run_device, shard_size=shard_size,
-            batch_size=batch_size, num_workers=num_workers, progress=progress and rank == 0,
+            batch_size=batch_size, num_workers=num_workers, progress=progress and rank == 0, fliplr=fliplr,
         )
         barrier()
         if rank == 0:
-            _finalize_extraction(root, header, count)
+            _finalize_extraction(root, header, header.requested_samples or count)
         barrier()
     return FeatureStore.open(root)
 
@@ -274,6 +299,7 @@ def _compute_missing_samples(
     batch_size: int,
     num_workers: int,
     progress: bool,
+    fliplr: bool = False,
 ) -> None:
     """Compute this rank's share of the samples the store lacks and commit them as shards.
 
@@ -281,16 +307,24 @@ def _compute_missing_samples(
         sample_ids: the ids of ``dataset``; the extraction covers the first ``count``.
         rank: this rank; it takes every ``world_size``-th missing sample and numbers its
             shards on from its last committed one.
+        fliplr: also the mirror images (see :func:`extract_features`).
     """
     records, problems = read_shard_records(root, header.specs, header.codec, header.fingerprint)
     if problems:
         raise StoreCorruptError("; ".join(problem.message for problem in problems))
     committed = {sample_id for record in records for sample_id in record.ids}
-    pending = [index for index in range(count) if sample_ids[index] not in committed]
+    variants = (False, True) if fliplr else (False,)
+    pending = [
+        (index, mirrored)
+        for index in range(count)
+        for mirrored in variants
+        if (mirrored_id(sample_ids[index]) if mirrored else sample_ids[index]) not in committed
+    ]
     mine = pending[rank::world_size]
     logger.info(
         "%s: %d of %d samples stored, %d to compute (%d on this rank), teacher %s on %s, codec %s",
-        root, count - len(pending), count, len(pending), len(mine), teacher.name, device, header.codec,
+        root, count * len(variants) - len(pending), count * len(variants), len(pending), len(mine), teacher.name,
+        device, header.codec,
     )
     if not mine:
         return
@@ -301,7 +335,7 @@ def _compute_missing_samples(
         shard_size=shard_size or default_shard_size(header),
         start_index=1 + max((record.index for record in records if record.rank == rank), default=-1),
     )
-    probe = dataset.load_raw(mine[0])["image"]
+    probe = dataset.load_raw(mine[0][0])["image"]
     samples = _ExtractionSamples(dataset, mine, cpu_preprocessor(teacher, probe))
     _run(teacher, samples, writer, device, batch_size, num_workers, progress)
 
@@ -400,7 +434,10 @@ def verify_against_teacher(
     teacher.freeze()
     run_device = next((parameter.device for parameter in teacher.parameters()), torch.device("cpu"))
     position = {sample_id: index for index, sample_id in enumerate(dataset.ids)}
-    candidates = [sample_id for sample_id in store.ids if sample_id in position]
+    # Mirrored records (fliplr) are recomputed from their image's mirror image.
+    source = {sample_id: (sample_id, False) for sample_id in position}
+    source.update({mirrored_id(sample_id): (sample_id, True) for sample_id in position})
+    candidates = [sample_id for sample_id in store.ids if sample_id in source]
     rng = np.random.default_rng(seed)
     chosen = sorted(rng.choice(len(candidates), size=min(num, len(candidates)), replace=False).tolist())
     names = list(store.specs)
@@ -409,7 +446,11 @@ def verify_against_teacher(
     frames_equal = 0
     for start in range(0, len(chosen), batch_size):
         batch_ids = [candidates[index] for index in chosen[start : start + batch_size]]
-        prepared = [teacher.preprocess_image(dataset.load_raw(position[sample_id])["image"]) for sample_id in batch_ids]
+        prepared = [
+            teacher_input(dataset.load_raw(position[source[sample_id][0]])["image"], teacher.preprocess_image,
+                          source[sample_id][1])
+            for sample_id in batch_ids
+        ]
         frames_equal += sum(frame.isclose(store.frame(sample_id)) for (_, frame), sample_id in zip(prepared, batch_ids))
         with torch.inference_mode():
             computed = teacher.extract(torch.stack([pixels for pixels, _ in prepared]).to(run_device))

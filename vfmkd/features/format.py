@@ -41,6 +41,7 @@ from vfmkd.utils.hashing import file_sha256, json_sha256
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "MIRROR_SUFFIX",
     "FeatureStoreError",
     "RecordProblem",
     "ShardRecord",
@@ -52,6 +53,7 @@ __all__ = [
     "fingerprint_of",
     "manifest_checksum",
     "merge_statistics",
+    "mirrored_id",
     "read_manifest",
     "read_shard_records",
 ]
@@ -67,6 +69,10 @@ _SHARD_NAME = re.compile(r"^rank(\d+)-(\d+)$")
 # ``detection.cls_p3``); not ending in ``.scale``, which names the int8 codec's scale files.
 _FEATURE_NAME = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
 MAX_LISTED_PROBLEMS = 10
+# A store extracted with ``fliplr`` also holds the teacher's maps of every image mirrored
+# left-right, under the image's id plus this suffix, with the frame from the (unmirrored)
+# original image (the flip composed in front of the teacher's preprocessing).
+MIRROR_SUFFIX = "#fliplr"
 REBUILD_HINT = (
     "re-run the extraction with the same command: it drops damaged shards and recomputes "
     "their samples"
@@ -160,6 +166,11 @@ def manifest_checksum(manifest: Mapping[str, Any]) -> str:
     """SHA-256 of a manifest's content (every key but ``content_sha256``)."""
     content = {key: value for key, value in manifest.items() if key != "content_sha256"}
     return json_sha256(content)
+
+
+def mirrored_id(sample_id: str) -> str:
+    """The id of ``sample_id``'s mirrored record (see :data:`MIRROR_SUFFIX`)."""
+    return sample_id + MIRROR_SUFFIX
 
 
 # --------------------------------------------------------------------------- header
