@@ -8,8 +8,8 @@ On the built-in ``shapes`` data (generated with a fixed seed at ``--train-images
    checkpoint (``distill_model=`` needs one) and the plain state dict vfmkd loads as a
    ``name: vfmkd`` teacher. Both sides use identical weights.
 2. **Store.** ``vfmkd features extract`` writes the teacher's p3 / p4 / p5 for every
-   training image (timed on its own: *extraction*); with ``--fliplr`` also for its mirror
-   image, which offline samples the augmentation flipped read.
+   training image (timed on its own: *extraction*), and for its mirror image, which
+   offline samples the augmentation flipped read (``--fliplr``; ``--no-fliplr``: without).
 3. **Students.** YOLOv8n for ``--steps`` optimizer steps at each label share
    (``--fractions``: ``data.label_fraction``, the kept images drawn with the run's seed, or
    with ``--label-seed`` for every run: ``data.label_seed``),
@@ -17,7 +17,7 @@ On the built-in ``shapes`` data (generated with a fixed seed at ``--train-images
 
    - ``no distillation``: the labelled images only;
    - ``<loss> offline 0.8``: the teacher's p3 / p4 / p5 into the student's p3 / p4 / p5
-     with ``<loss>`` (``--losses``: ``mse``, ``cwd``; weight ``--weight`` per level; the
+     with ``<loss>`` (``--losses``: ``mse``, ``cwd``; weight ``--weight`` per level, 2; the
      teacher maps standardised per channel with the store's statistics, ``normalize:
      true``, unless ``--no-normalize``), 80 % of the samples from the store and 20 %
      live; with partial labels, ``--unlabeled-batch`` images without labels are added to
@@ -520,14 +520,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--losses", nargs="+", default=["mse", "cwd", "bce"])
     parser.add_argument("--unlabeled-batch", type=int, default=8,
                         help="unlabelled images added to each batch of the distillation runs with partial labels")
-    parser.add_argument("--weight", type=float, default=1.0, help="weight of each level's distillation term")
+    parser.add_argument("--weight", type=float, default=2.0, help="weight of each level's distillation term")
     parser.add_argument("--logit-weight", type=float, default=0.5,
                         help="weight of each level's term of the losses on class logits (bce)")
     parser.add_argument("--no-normalize", dest="normalize", action="store_false",
                         help="distil the raw teacher maps (default: standardised per channel)")
-    parser.add_argument("--fliplr", action="store_true",
-                        help="the store also holds each image mirrored (features extract --fliplr), read by "
-                             "flipped offline samples")
+    parser.add_argument("--no-fliplr", dest="fliplr", action="store_false",
+                        help="a store without mirror images (default: features extract --fliplr, whose mirror "
+                             "images flipped offline samples read)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--skip-ultralytics", action="store_true")

@@ -11,7 +11,9 @@ over the live maps' variance (0: identical; 1: as far as the mean is).
 
     python benchmarks/bench_offline_consistency.py CONFIG [--teacher KEY] [--batches 3] [--batch 8]
 
-The config's teacher needs a filled store (``feature_path``). Runs on the CPU.
+The config's teacher needs a filled store (``feature_path``). Runs on the CPU. A store
+extracted with ``--fliplr`` serves flipped samples from its mirror images, as training does
+(``benchmarks/results/offline_consistency_fliplr.md``).
 """
 
 from __future__ import annotations
