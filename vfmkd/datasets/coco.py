@@ -131,6 +131,12 @@ def _read_categories(json_path: Path, data: dict[str, Any]) -> tuple[list[str], 
     return names, category_ids
 
 
+def read_coco_categories(json_path: Path) -> tuple[list[str], list[int]]:
+    """A COCO annotation file's class names and category ids, sorted by id (list index =
+    contiguous label); raises :class:`DatasetError` naming the file when it is not COCO."""
+    return _read_categories(json_path, _load_annotation_file(json_path))
+
+
 def _index_images(
     json_path: Path, data: dict[str, Any], problems: list[Problem]
 ) -> dict[Any, dict[str, Any]]:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from vfmkd.datasets import BUILTIN_SYNTHETIC, DatasetError, resolve_dataset
-from vfmkd.datasets.coco import _load_annotation_file, _read_categories, sibling_json
+from vfmkd.datasets.coco import read_coco_categories, sibling_json
 from vfmkd.datasets.synthetic import SHAPE_CLASSES
 from vfmkd.datasets.transforms import config_value
 from vfmkd.datasets.yolo import read_data_yaml
@@ -102,5 +102,5 @@ def _read_classes(dataset: str, data: Any) -> Classes | None:
         return names, list(range(1, len(names) + 1))
     if spec.kind == "coco":
         annotation_file = sibling_json(spec.source, str(config_value(data, "val_split", "val")))
-        return _read_categories(annotation_file, _load_annotation_file(annotation_file))
+        return read_coco_categories(annotation_file)
     return None
