@@ -43,7 +43,7 @@ interrupted benchmark resumes.
     python benchmarks/bench_distillation_gain.py [--dir /tmp/gain] [--steps 300] [--seeds 0 1 2] \\
         [--fractions 0.1 1.0] [--losses mse cwd] [--jobs 2] [--threads 1]
 
-Prints a markdown table and writes benchmarks/results/distillation_gain.json.
+Prints a markdown table and writes ``--out`` (default benchmarks/results/distillation_gain.json).
 """
 
 from __future__ import annotations

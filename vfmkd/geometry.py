@@ -367,7 +367,7 @@ class FrameWarp:
     def __init__(self, src_frames: Sequence[Frame], dst_frames: Sequence[Frame], device: torch.device) -> None:
         if len(src_frames) != len(dst_frames):
             raise ValueError(
-                f"need one target frame per source frame: {len(src_frames)} source frames, "
+                f"need one source and one target frame per map: {len(src_frames)} source frames, "
                 f"{len(dst_frames)} target frames"
             )
         self.count = len(src_frames)
@@ -480,13 +480,6 @@ def warp_features_batch(
         mask, True where the cell centre lies inside both the target frame's valid region
         and the source frame's valid region.
     """
-    if features.dim() != 4:
-        raise ValueError(f"features must be [B, C, H, W], got shape {tuple(features.shape)}")
-    if len(src_frames) != features.shape[0] or len(dst_frames) != features.shape[0]:
-        raise ValueError(
-            f"need one source and one target frame per map: {features.shape[0]} maps, "
-            f"{len(src_frames)} source frames, {len(dst_frames)} target frames"
-        )
     return FrameWarp(src_frames, dst_frames, features.device).warp(features, src_stride, dst_size, dst_stride, mode)
 
 
